@@ -1,0 +1,370 @@
+"""``lustrefuse``: bring a filesystem up and down, run its parts, look inside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from . import services
+from .layout import DEFAULT_IMPORTED_CHUNK_SIZE, DEFAULT_STRIPE_SIZE, parse_size
+
+CTL = ".lustrefuse_ctl"
+READY_LINE = "LUSTREFUSE-READY"
+
+
+def fail(message: str, code: int = 1):
+    click.echo(f"lustrefuse: {message}", err=True)
+    sys.exit(code)
+
+
+def size_option(value):
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def read_secret(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        fail(f"cannot read the secret file: {e.strerror}")
+    if len(secret) < 16:
+        fail("the shared secret must be at least 16 bytes")
+    return secret
+
+
+def default_data_dir(bucket: str) -> str:
+    base = "/var/lib/lustrefuse" if os.geteuid() == 0 else os.path.expanduser(
+        "~/.local/share/lustrefuse")
+    return os.path.join(base, bucket)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lustrefuse")
+def main():
+    """A Lustre-like striped filesystem over an S3 bucket, served through FUSE.
+
+    Start with `lustrefuse up s3://BUCKET MOUNTPOINT`, then use the mount with
+    ordinary tools and `lfs` (hsm_state, hsm_restore, hsm_release, getstripe, df...).
+    """
+
+
+# -- up / down ----------------------------------------------------------------
+
+def _check_mountpoint(mp: str):
+    if not os.path.exists(mp):
+        fail(f"mountpoint {mp} does not exist")
+    if not os.path.isdir(mp):
+        fail(f"mountpoint {mp} is not a directory")
+    if services.is_mounted(mp):
+        fail(f"{mp} is already a mount point")
+    if os.listdir(mp):
+        fail(f"mountpoint {mp} is not empty")
+
+
+def _progress_printer():
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(st: dict):
+        now = time.monotonic()
+        done = st["state"] != "running"
+        if not done and now - last[0] < (0.2 if tty else 2.0):
+            return
+        last[0] = now
+        rate = st["listed"] / st["elapsed"] if st.get("elapsed") else 0
+        line = (f"importing: {st['listed']} objects listed, {st['new']} new, "
+                f"{st['changed']} changed, {st['deleted']} deleted, {st['skipped']} skipped "
+                f"({rate:,.0f}/s)")
+        click.echo(("\r" + line) if tty else line, err=True, nl=not tty or done)
+    return show
+
+
+@main.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--endpoint-url", help="S3 endpoint (default: boto3's usual sources).")
+@click.option("--data-dir", type=click.Path(), help="Where the MDS database and OST "
+              "directories live (default: /var/lib/lustrefuse/BUCKET as root).")
+@click.option("--osts", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Number of OST worker processes (first run only).")
+@click.option("--stripe-size", default=str(DEFAULT_STRIPE_SIZE), callback=lambda c, p, v:
+              size_option(v), help="Default stripe size (multiple of 64K).  [default: 1M]")
+@click.option("--imported-file-chunk-size", default=str(DEFAULT_IMPORTED_CHUNK_SIZE),
+              callback=lambda c, p, v: size_option(v),
+              help="Imported files get size/CHUNK+1 stripes, as FSx.  [default: 1G]")
+@click.option("--no-posix-metadata", is_flag=True,
+              help="Skip the HEAD per object that reads FSx POSIX metadata headers.")
+@click.option("--no-import", is_flag=True, help="Do not sweep the bucket on this start.")
+@click.option("--foreground", is_flag=True, help="Stay attached (for systemd and debugging).")
+@click.option("--attr-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds the kernel may cache names and attributes.")
+@click.option("-o", "options", multiple=True, help="Extra FUSE mount option.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_file_chunk_size,
+       no_posix_metadata, no_import, foreground, attr_timeout, options, log_level):
+    """Create or reopen a filesystem over S3 and mount it.
+
+    SOURCE is s3://BUCKET[/PREFIX]. The first run creates DATA_DIR (MDS database,
+    one directory per OST) and imports the bucket listing as metadata-only stubs;
+    later runs keep hydrated data and HSM state and import what changed.
+    """
+    from . import keys
+    from .mds import check_repository, load_or_init_config
+
+    try:
+        bucket, prefix = keys.parse_s3_url(source)
+    except ValueError as e:
+        fail(str(e), 2)
+    if stripe_size % (64 * 1024):
+        fail("--stripe-size must be a multiple of 64K", 2)
+    mountpoint = os.path.abspath(mountpoint)
+    data_dir = os.path.abspath(data_dir or default_data_dir(bucket))
+    state = services.supervisor_alive(data_dir)
+    if state and state.get("mountpoint") == mountpoint and services.is_mounted(mountpoint):
+        os.kill(state["supervisor"], signal.SIGHUP)  # restart parts that died
+        time.sleep(1.0)
+        click.echo(f"lustrefuse: {source} is already up on {mountpoint}; restarted any "
+                   "stopped services")
+        return
+    if state:
+        fail(f"{data_dir} is in use by lustrefuse (pid {state['supervisor']}) on "
+             f"{state.get('mountpoint')}")
+    _clean_stale(data_dir, mountpoint)
+    _check_mountpoint(mountpoint)
+    config = {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
+              "stripe_size": stripe_size, "imported_file_chunk_size": imported_file_chunk_size,
+              "fsname": "lustrefuse"}
+    check_repository(config)
+    config = load_or_init_config(data_dir, config)
+    args = {"posix_metadata": not no_posix_metadata, "import": not no_import,
+            "attr_timeout": attr_timeout, "options": list(options), "log_level": log_level}
+    if foreground or os.environ.get("LUSTREFUSE_SUPERVISOR"):
+        _run_supervisor(data_dir, mountpoint, config, args, source)
+        return
+    _launch_background(data_dir, mountpoint, source)
+
+
+def _clean_stale(data_dir: str, mountpoint: str):
+    """A previous run that died: stop what it left and clear a dead mount."""
+    path = os.path.join(data_dir, "up.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                pids = json.load(f).get("pids", {})
+        except ValueError:
+            pids = {}
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os.unlink(path)
+    if services.is_mounted(mountpoint) and services.mount_data_dir(mountpoint) == data_dir:
+        services.unmount(mountpoint, lazy=True)
+
+
+def _run_supervisor(data_dir, mountpoint, config, args, source):
+    services.setup_logging(args["log_level"], os.path.join(data_dir, "log", "up.log")
+                           if os.path.isdir(os.path.join(data_dir, "log")) else None)
+    sup = services.Supervisor(data_dir, mountpoint, config, args)
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        sup.bring_up(_progress_printer())
+    except (SystemExit, KeyboardInterrupt, Exception) as e:
+        sup.teardown()
+        msg = str(e) if not isinstance(e, KeyboardInterrupt) else "interrupted"
+        fail(msg or "failed to start")
+    services.sd_notify()
+    click.echo(READY_LINE)
+    click.echo(f"lustrefuse: {source} is mounted on {mountpoint} "
+               f"({config['osts']} OSTs, data in {data_dir}).")
+    click.echo(f"  try: ls {mountpoint}; lfs hsm_state {mountpoint}/FILE; "
+               f"lustrefuse stats {mountpoint}")
+    click.echo(f"  stop: lustrefuse down {mountpoint}")
+    sys.stdout.flush()
+    if not os.environ.get("LUSTREFUSE_SUPERVISOR"):
+        sup.watch()
+        return
+    # background mode: detach from the launcher's pipe, then watch
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    sup.watch()
+
+
+def _launch_background(data_dir, mountpoint, source):
+    env = dict(os.environ, LUSTREFUSE_SUPERVISOR="1")
+    os.makedirs(os.path.join(data_dir, "log"), exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lustrefuse", "up", *sys.argv[2:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+    import threading
+
+    def relay_err():
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    t = threading.Thread(target=relay_err, daemon=True)
+    t.start()
+    ready = False
+    for line in proc.stdout:
+        if line.strip() == READY_LINE:
+            ready = True
+            continue
+        sys.stdout.write(line)
+        if ready and line.startswith("  stop:"):
+            break
+    if not ready:
+        proc.wait()
+        t.join(timeout=2)
+        sys.exit(proc.returncode or 1)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("--force", is_flag=True, help="Detach a busy mount lazily.")
+@click.option("--data-dir", type=click.Path(), help="If the mount is already gone.")
+def down(mountpoint, force, data_dir):
+    """Unmount and stop every process of a filesystem (or clean up a stale mount)."""
+    mp = os.path.abspath(mountpoint)
+    dd = services.mount_data_dir(mp) or (os.path.abspath(data_dir) if data_dir else None)
+    if dd is None:
+        fail(f"{mp} is not a lustrefuse mount (give --data-dir to stop a filesystem whose "
+             "mount is gone)")
+    state = services.supervisor_alive(dd)
+    if services.is_mounted(mp):
+        r = services.unmount(mp)
+        if r.returncode != 0:
+            if not force:
+                fail(f"cannot unmount {mp}: {r.stderr.strip() or 'busy'} (use --force)")
+            services.unmount(mp, lazy=True)
+    if state:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(state["supervisor"], 0)
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(state["supervisor"], signal.SIGTERM)
+    _clean_stale(dd, mp)
+    click.echo(f"lustrefuse: {mp} is down")
+
+
+# -- the parts ----------------------------------------------------------------
+
+@main.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--listen", help="unix:PATH or tcp:HOST:PORT (default unix:DATA_DIR/mds.sock)")
+@click.option("--secret-file", type=click.Path(), help="Shared secret for TCP listeners.")
+@click.option("--log-level", default="info")
+@click.option("--log-file", type=click.Path())
+def mds(data_dir, listen, secret_file, log_level, log_file):
+    """Run the metadata server for DATA_DIR (created by `up` or `mkfs`)."""
+    services.setup_logging(log_level, log_file)
+    if not os.path.exists(os.path.join(data_dir, "fs.json")):
+        fail(f"{data_dir} holds no lustrefuse filesystem (fs.json missing)")
+    services.run_mds(data_dir, listen, read_secret(secret_file))
+
+
+@main.command()
+@click.option("--index", required=True, type=click.IntRange(0, 1023))
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False))
+@click.option("--mds", "mds_address", required=True, help="The MDS address.")
+@click.option("--listen", help="unix:PATH or tcp:HOST:PORT (default unix:DIR/ost.sock)")
+@click.option("--secret-file", type=click.Path())
+@click.option("--endpoint-url", help="Override the S3 endpoint the MDS announces.")
+@click.option("--log-level", default="info")
+@click.option("--log-file", type=click.Path())
+def ost(index, directory, mds_address, listen, secret_file, endpoint_url, log_level, log_file):
+    """Run one object storage target over DIR."""
+    services.setup_logging(log_level, log_file)
+    services.run_ost(index, directory, mds_address, listen, read_secret(secret_file),
+                     endpoint_url)
+
+
+@main.command()
+@click.argument("mds_address")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--data-dir", type=click.Path(), help="Shown as the mount's source.")
+@click.option("--secret-file", type=click.Path())
+@click.option("--attr-timeout", type=float, default=10.0, show_default=True)
+@click.option("-o", "options", multiple=True, help="FUSE mount options (comma lists work).")
+@click.option("--log-level", default="info")
+@click.option("--log-file", type=click.Path())
+def mount(mds_address, mountpoint, data_dir, secret_file, attr_timeout, options, log_level,
+          log_file):
+    """Run the FUSE client for MDS_ADDRESS on MOUNTPOINT (in the foreground)."""
+    services.setup_logging(log_level, log_file)
+    opts = [o for group in options for o in group.split(",")]
+    services.run_mount(mds_address, mountpoint, read_secret(secret_file), attr_timeout,
+                       os.path.abspath(data_dir) if data_dir else None, opts)
+
+
+# -- looking inside -----------------------------------------------------------
+
+def _ctl(path: str) -> str:
+    p = os.path.abspath(path)
+    while True:
+        ctl = os.path.join(p, CTL)
+        if os.path.exists(ctl):
+            return ctl
+        if p == "/":
+            fail(f"{path} is not in a lustrefuse mount")
+        p = os.path.dirname(p)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(mountpoint, as_json):
+    """Counters: S3 requests and bytes, bytes served from OSTs, hydration, checksums."""
+    data = json.loads(os.getxattr(_ctl(mountpoint), "lustrefuse.stats"))
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    rows = [("S3 requests", data["total"]["s3_requests"]),
+            ("S3 GETs", data["total"]["s3_gets"]),
+            ("S3 bytes fetched", data["total"]["s3_bytes_in"]),
+            ("bytes served from OSTs", data["total"]["bytes_served_from_osts"])]
+    for k, v in sorted(data["client"].items()):
+        rows.append((f"client {k}", v))
+    for idx, s in data["osts"].items():
+        for k in ("chunks_hydrated", "single_flight_joins", "verify_failures", "refetched"):
+            if k in s:
+                rows.append((f"OST{idx} {k}", s[k]))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value:>14,}")
+
+
+def _lfs_main(args):
+    from . import lfs as lfs_module
+
+    return lfs_module.main(list(args))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lfs(args):
+    """The Lustre `lfs` tool (same as the `lfs` command)."""
+    sys.exit(_lfs_main(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,790 @@
+"""The FUSE client: POSIX operations translated to MDS metadata calls and OST data I/O.
+
+Hot read path: the layout and each OST's chunk table are fetched at open; a
+same-host OST hands over its object's descriptor, so a read of present data
+is a ``pread`` plus a one-time checksum check per chunk, with no RPC. A
+missing chunk is hydrated by its OST (single-flight across all readers);
+sequential access prefetches the next chunks.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from . import hsm, rpc
+from .layout import Layout, StripeSpec, format_fid
+from .mds import CTL_NAME
+from .ost import checksum
+from .protocol import RpcError
+
+log = logging.getLogger(__name__)
+
+CTL_INO = 1 << 62
+HYDRATE_TIMEOUT = 300.0
+PREFETCH_CHUNKS = 16  # sequential readers keep this many chunks in flight
+PASSTHROUGH_PREFIXES = (b"security.", b"system.")  # answered locally: no ACLs, no caps
+
+
+def fuse_errors(fn):
+    """Only FUSEError may leave a handler (pyfuse3): map everything else to an errno."""
+    import functools
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kw):
+        try:
+            return await fn(*args, **kw)
+        except pyfuse3.FUSEError:
+            raise
+        except RpcError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except OSError as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (trio.TooSlowError, ConnectionError) as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class OpenFile:
+    ino: int
+    handle: int  # the MDS's open handle
+    st: dict
+    layout: Layout
+    size: int
+    writable: bool
+    fds: dict = field(default_factory=dict)  # ost -> fd (same host) or None (remote)
+    tables: dict = field(default_factory=dict)  # ost -> {chunk: (length, xxh)}
+    verified: set = field(default_factory=set)
+    cache: tuple = (-1, b"")  # the last verified chunk (s, bytes)
+    written: set = field(default_factory=set)
+    dirty: bool = False
+    next_seq: int = 0  # offset a sequential reader reads next
+    prefetching: set = field(default_factory=set)
+
+    @property
+    def desc(self) -> dict:
+        st = self.st
+        return {"ino": self.ino, "layout": self.layout.to_dict(), "s3_key": st["s3_key"],
+                "etag": st["etag"], "s3_size": st["s3_size"] or 0, "size": self.size}
+
+    def from_s3(self, s: int) -> bool:
+        """Whether chunk ``s`` has bytes in the S3 copy that are not local yet."""
+        return bool(self.st["s3_key"]) and self.layout.chunk_length(s, self.st["s3_size"] or 0) > 0
+
+
+class Counters(dict):
+    def add(self, name: str, n: int = 1):
+        self[name] = self.get(name, 0) + n
+
+
+class Filesystem(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, mds_address: str, secret: bytes | None = None,
+                 attr_timeout: float = 10.0, data_dir: str | None = None):
+        super().__init__()
+        self.mds = rpc.TrioClient(mds_address, secret, timeout=30)
+        self.session = rpc.TrioClient(mds_address, secret, timeout=30, max_connections=1)
+        self.secret = secret
+        self.client_id = uuid.uuid4().hex
+        self.osts: dict[int, rpc.TrioClient] = {}
+        self.ost_local: dict[int, bool] = {}
+        self.files: dict[int, OpenFile] = {}
+        self.dirs: dict[int, list] = {}
+        self.writers: dict[int, set[int]] = {}  # ino -> fhs open for write
+        self._fh = iter(range(1, 1 << 62))
+        self.attr_timeout = attr_timeout
+        self.data_dir = data_dir
+        self.counters = Counters()
+        self.nursery = None
+        self.fsname = "lustrefuse"
+        self.mountpoint = ""
+        self.hydrate_limit = trio.CapacityLimiter(64)  # one budget for reads and prefetch
+
+    async def start(self, nursery):
+        self.nursery = nursery
+        info = await self.session.call("hello", client=self.client_id)
+        self.fsname = info["fsname"]
+        await self._refresh_osts()
+        nursery.start_soon(self._keepalive)
+
+    async def _keepalive(self):
+        while True:
+            await trio.sleep(5)
+            try:
+                await self.session.call("ping", timeout=10)
+            except RpcError:
+                log.warning("lost the MDS session; reconnecting")
+                try:
+                    await self.session.call("hello", client=self.client_id, timeout=10)
+                except RpcError:
+                    pass
+
+    async def _refresh_osts(self):
+        cfg = await self.mds.call("config")
+        for idx, addr in cfg["osts"].items():
+            idx = int(idx)
+            if idx not in self.osts or self.osts[idx].address != addr:
+                self.osts[idx] = rpc.TrioClient(addr, self.secret, timeout=HYDRATE_TIMEOUT)
+                self.ost_local[idx] = addr.startswith("unix:")
+
+    async def ost(self, idx: int) -> rpc.TrioClient:
+        if idx not in self.osts:
+            await self._refresh_osts()
+            if idx not in self.osts:
+                raise RpcError(errno.EIO, f"OST {idx} is not registered")
+        return self.osts[idx]
+
+    # -- attributes --------------------------------------------------------
+
+    def _entry(self, a: dict) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        ino = a["ino"]
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = self.attr_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a["mode"]
+        e.st_nlink = a["nlink"]
+        e.st_uid = a["uid"]
+        e.st_gid = a["gid"]
+        e.st_rdev = a["rdev"]
+        size = a["size"]
+        fhs = self.writers.get(ino)
+        if fhs:  # unflushed writes here are newer than the MDS's size
+            size = max((self.files[fh].size for fh in fhs), default=size)
+        e.st_size = size
+        e.st_blksize = 1 << 20
+        e.st_blocks = (size + 511) // 512
+        e.st_atime_ns = a["atime_ns"]
+        e.st_mtime_ns = a["mtime_ns"]
+        e.st_ctime_ns = a["ctime_ns"]
+        return e
+
+    def _ctl_entry(self) -> pyfuse3.EntryAttributes:
+        now = time.time_ns()
+        return self._entry({"ino": CTL_INO, "mode": stat.S_IFREG | 0o666, "nlink": 1, "uid": 0,
+                            "gid": 0, "rdev": 0, "size": 0, "atime_ns": now, "mtime_ns": now,
+                            "ctime_ns": now})
+
+    @fuse_errors
+    async def lookup(self, parent, name, ctx=None):
+        if parent == pyfuse3.ROOT_INODE and name == CTL_NAME:
+            return self._ctl_entry()
+        return self._entry(await self.mds.call("lookup", parent=parent, name=bytes(name)))
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        if inode == CTL_INO:
+            return self._ctl_entry()
+        return self._entry(await self.mds.call("getattr", ino=inode))
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode == CTL_INO:
+            return self._ctl_entry()
+        upd = {}
+        if fields.update_size:
+            await self._truncate(inode, attr.st_size, fh)
+            upd["size"] = attr.st_size
+        if fields.update_mode:
+            upd["mode"] = attr.st_mode
+        if fields.update_uid:
+            upd["uid"] = attr.st_uid
+        if fields.update_gid:
+            upd["gid"] = attr.st_gid
+        now = time.time_ns()
+        if fields.update_atime:
+            upd["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            upd["mtime_ns"] = attr.st_mtime_ns
+        if getattr(fields, "update_ctime", False):
+            upd["ctime_ns"] = attr.st_ctime_ns
+        if "mode" in upd and ctx.uid != 0:
+            # a non-member non-root owner loses setgid on chmod, as the kernel does locally
+            a = await self.mds.call("getattr", ino=inode)
+            if upd["mode"] & stat.S_ISGID and ctx.gid != a["gid"]:
+                upd["mode"] &= ~stat.S_ISGID
+        if ("uid" in upd or "gid" in upd) and "mode" not in upd:
+            a = await self.mds.call("getattr", ino=inode)
+            if stat.S_ISREG(a["mode"]) and a["mode"] & (stat.S_ISUID | stat.S_ISGID):
+                upd["mode"] = a["mode"] & ~(stat.S_ISUID | stat.S_ISGID)
+        upd.setdefault("ctime_ns", now)
+        a = await self.mds.call("setattr", ino=inode, fields=upd)
+        return self._entry(a)
+
+    async def _truncate(self, ino: int, size: int, fh=None):
+        st = await self.mds.call("file_state", ino=ino)
+        if not stat.S_ISREG(st["mode"]):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        lay = Layout.from_dict(st["layout"])
+        of = OpenFile(ino, 0, st, lay, st["size"], True)
+        for f in self.files.values():
+            if f.ino == ino:
+                of = f
+                break
+        edge = size // lay.stripe_size
+        if size and size % lay.stripe_size and size < of.size and of.from_s3(edge):
+            # keep the bytes before the cut: the edge chunk must be local first
+            await self._hydrate(of, lay.ost_of_chunk(edge), [edge])
+        for idx in sorted(set(lay.osts)):
+            ost = await self.ost(idx)
+            got = await ost.call("truncate", desc=of.desc, size=size)
+            for s, ent in (got or {}).items():
+                of.tables.setdefault(idx, {})[int(s)] = tuple(ent)
+        for f in self.files.values():
+            if f.ino == ino:
+                f.size = size
+                f.cache = (-1, b"")
+                f.verified.clear()
+                for t in f.tables.values():
+                    for s in [s for s in t if s * lay.stripe_size >= size]:
+                        del t[s]
+        self.counters.add("truncates")
+
+    # -- directories ------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        fh = next(self._fh)
+        self.dirs[fh] = [inode, 0, []]  # ino, last id fetched, page cache
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        ino, _last, cache = self.dirs[fh]
+        after = start_id
+        while True:
+            page = [e for e in cache if e[0] > after]
+            if not page:
+                page = await self.mds.call("readdir", ino=ino, after=after, limit=1000)
+                if not page:
+                    return
+                self.dirs[fh][2] = cache = page
+            for eid, name, attr in page:
+                if not pyfuse3.readdir_reply(token, bytes(name), self._entry(attr), eid):
+                    return
+                after = eid
+
+    @fuse_errors
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    @fuse_errors
+    async def mkdir(self, parent, name, mode, ctx):
+        return self._entry(await self.mds.call("mkdir", parent=parent, name=bytes(name),
+                                               mode=mode, uid=ctx.uid, gid=ctx.gid))
+
+    @fuse_errors
+    async def rmdir(self, parent, name, ctx):
+        await self.mds.call("rmdir", parent=parent, name=bytes(name))
+
+    @fuse_errors
+    async def unlink(self, parent, name, ctx):
+        if parent == pyfuse3.ROOT_INODE and name == CTL_NAME:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.mds.call("unlink", parent=parent, name=bytes(name))
+
+    @fuse_errors
+    async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        await self.mds.call("rename", parent=parent_old, name=bytes(name_old),
+                            newparent=parent_new, newname=bytes(name_new), flags=flags)
+
+    @fuse_errors
+    async def link(self, inode, new_parent, new_name, ctx):
+        return self._entry(await self.mds.call("link", ino=inode, parent=new_parent,
+                                               name=bytes(new_name)))
+
+    @fuse_errors
+    async def symlink(self, parent, name, target, ctx):
+        return self._entry(await self.mds.call("symlink", parent=parent, name=bytes(name),
+                                               target=bytes(target), uid=ctx.uid, gid=ctx.gid))
+
+    @fuse_errors
+    async def readlink(self, inode, ctx):
+        return await self.mds.call("readlink", ino=inode)
+
+    @fuse_errors
+    async def mknod(self, parent, name, mode, rdev, ctx):
+        return self._entry(await self.mds.call("create", parent=parent, name=bytes(name),
+                                               mode=mode, uid=ctx.uid, gid=ctx.gid, rdev=rdev))
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        st = await self.mds.call("statfs")
+        s = pyfuse3.StatvfsData()
+        bs = 4096
+        osts = [o for o in st["osts"] if "error" not in o]
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = sum(o["blocks"] for o in osts) // bs
+        s.f_bfree = sum(o["bfree"] for o in osts) // bs
+        s.f_bavail = sum(o["bavail"] for o in osts) // bs
+        m = st["mdts"][0]
+        s.f_files = m["files"]
+        s.f_ffree = m["ffree"]
+        s.f_favail = m["ffree"]
+        s.f_namemax = 255
+        return s
+
+    # -- files -------------------------------------------------------------
+
+    async def _open_file(self, ino: int, writable: bool) -> OpenFile:
+        st = await self.mds.call("open", ino=ino, client=self.client_id, writable=writable)
+        if not stat.S_ISREG(st["mode"]):
+            await self.mds.call("close", handle=st["handle"])
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        of = OpenFile(ino, st["handle"], st, Layout.from_dict(st["layout"]), st["size"], writable)
+        try:
+            for idx in sorted(set(of.layout.osts)):
+                ost = await self.ost(idx)
+                if self.ost_local.get(idx):
+                    res, fds = await ost.call("open_object", want_fds=True, ino=ino, create=True)
+                    of.fds[idx] = fds[0] if fds else None
+                    for extra in fds[1:]:
+                        os.close(extra)
+                else:
+                    res = {"table": await ost.call("table", ino=ino)}
+                    of.fds[idx] = None
+                of.tables[idx] = {int(s): tuple(v) for s, v in res["table"].items()}
+        except BaseException:
+            self._close_fds(of)
+            await self.mds.call("close", handle=of.handle)
+            raise
+        return of
+
+    def _close_fds(self, of: OpenFile):
+        for fd in of.fds.values():
+            if fd is not None:
+                os.close(fd)
+        of.fds.clear()
+
+    def _register(self, of: OpenFile) -> int:
+        fh = next(self._fh)
+        self.files[fh] = of
+        if of.writable:
+            self.writers.setdefault(of.ino, set()).add(fh)
+        return fh
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        if inode == CTL_INO:
+            return pyfuse3.FileInfo(fh=0, keep_cache=False)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        of = await self._open_file(inode, writable)
+        if flags & os.O_TRUNC and of.size:
+            await self._truncate(inode, 0)
+            of.size = 0
+            of.tables = {k: {} for k in of.tables}
+            a = await self.mds.call("setattr", ino=inode, fields={"size": 0})
+            of.st["size"] = a["size"]
+        fh = self._register(of)
+        # close-to-open: a file changed by another client must not be served from old pages
+        keep = True
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @fuse_errors
+    async def create(self, parent, name, mode, flags, ctx):
+        a = await self.mds.call("create", parent=parent, name=bytes(name), mode=mode,
+                                uid=ctx.uid, gid=ctx.gid)
+        of = await self._open_file(a["ino"], True)
+        fh = self._register(of)
+        return pyfuse3.FileInfo(fh=fh), self._entry(a)
+
+    async def _hydrate(self, of: OpenFile, idx: int, chunks: list[int]):
+        ost = await self.ost(idx)
+        async with self.hydrate_limit:
+            got = await ost.call("hydrate", desc=of.desc, chunks=chunks)
+        self.counters.add("hydrate_calls")
+        table = of.tables.setdefault(idx, {})
+        for s, ent in got.items():
+            table[int(s)] = tuple(ent)
+
+    async def _prefetch(self, of: OpenFile, chunks: list[int]):
+        try:
+            by_ost: dict[int, list[int]] = {}
+            for s in chunks:
+                by_ost.setdefault(of.layout.ost_of_chunk(s), []).append(s)
+            async with trio.open_nursery() as n:
+                for idx, ss in by_ost.items():
+                    n.start_soon(self._hydrate, of, idx, ss)
+            self.counters.add("prefetched_chunks", len(chunks))
+        except (RpcError, OSError) as e:
+            log.info("prefetch of inode %d failed: %s", of.ino, e)
+        finally:
+            of.prefetching.difference_update(chunks)
+
+    def _maybe_prefetch(self, of: OpenFile, s: int):
+        last = of.layout.chunk_count(of.size)
+        want = [c for c in range(s + 1, min(s + 1 + PREFETCH_CHUNKS, last))
+                if c not in of.prefetching and of.from_s3(c)
+                and c not in of.tables.get(of.layout.ost_of_chunk(c), {})]
+        if want and self.nursery is not None:
+            of.prefetching.update(want)
+            self.nursery.start_soon(self._prefetch, of, want)
+
+    async def _chunk(self, of: OpenFile, s: int) -> bytes:
+        """The verified bytes of chunk ``s`` as held by its OST (may be shorter than
+        the stripe: the rest is a hole)."""
+        if of.cache[0] == s:
+            return of.cache[1]
+        idx = of.layout.ost_of_chunk(s)
+        ent = of.tables.get(idx, {}).get(s)
+        if ent is None:
+            if not of.from_s3(s):
+                return b""  # never written, not in S3: a hole
+            if s in of.prefetching:
+                self.counters.add("prefetch_waits")
+            await self._hydrate(of, idx, [s])
+            ent = of.tables[idx][s]
+        length, xxh = ent
+        data = await self._read_object(of, idx, of.layout.chunk_object_offset(s), length)
+        if checksum(data) != xxh:
+            self.counters.add("checksum_failures")
+            log.error("checksum mismatch in inode %d chunk %d (OST %d); asking the OST", of.ino,
+                      s, idx)
+            ost = await self.ost(idx)
+            clean = of.from_s3(s) and not of.st["hsm"] & hsm.DIRTY and s not in of.written
+            ent = tuple(await ost.call("verify", desc=of.desc, s=s, refetch=clean))
+            of.tables[idx][s] = ent
+            data = await self._read_object(of, idx, of.layout.chunk_object_offset(s), ent[0])
+            if checksum(data) != ent[1]:
+                raise pyfuse3.FUSEError(errno.EIO)
+        of.cache = (s, data)
+        return data
+
+    async def _read_object(self, of: OpenFile, idx: int, offset: int, length: int) -> bytes:
+        fd = of.fds.get(idx)
+        if fd is not None:
+            data = os.pread(fd, length, offset)  # page-cache hot: cheaper inline than a thread
+        else:
+            ost = await self.ost(idx)
+            data = await ost.call("read", ino=of.ino, offset=offset, length=length)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        self.counters.add("bytes_from_ost", length)
+        return data
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        if fh == 0:
+            return b""
+        of = self.files[fh]
+        end = min(off + size, of.size)
+        if off >= end:
+            return b""
+        self.counters.add("reads")
+        sequential = off == of.next_seq
+        of.next_seq = end
+        out = []
+        for s, _idx, obj_off, n in of.layout.pieces(off, end - off):
+            if sequential:
+                self._maybe_prefetch(of, s)
+            data = await self._chunk(of, s)
+            within = obj_off - of.layout.chunk_object_offset(s)
+            piece = data[within:within + n]
+            if len(piece) < n:
+                piece += bytes(n - len(piece))
+            out.append(piece)
+        self.counters.add("bytes_read", end - off)
+        return b"".join(out) if len(out) > 1 else out[0]
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        of = self.files[fh]
+        pos = 0
+        for s, idx, obj_off, n in of.layout.pieces(off, len(buf)):
+            ost = await self.ost(idx)
+            ent = await ost.call("write", desc=of.desc, s=s, offset=obj_off,
+                                 data=bytes(buf[pos:pos + n]))
+            of.tables.setdefault(idx, {})[s] = tuple(ent)
+            of.written.add(s)
+            if of.cache[0] == s:
+                of.cache = (-1, b"")
+            pos += n
+        of.size = max(of.size, off + len(buf))
+        of.dirty = True
+        for other in self.files.values():  # other handles of this inode see the new bytes
+            if other is not of and other.ino == of.ino:
+                other.size = max(other.size, of.size)
+                other.cache = (-1, b"")
+                for idx, t in of.tables.items():
+                    other.tables.setdefault(idx, {}).update(t)
+        self.counters.add("bytes_written", len(buf))
+        return len(buf)
+
+    async def _commit(self, of: OpenFile):
+        """Tell the MDS about written data (size, chunks, DIRTY)."""
+        if not of.dirty:
+            return
+        of.dirty = False
+        a = await self.mds.call("written", ino=of.ino, size=of.size, chunks=sorted(of.written),
+                                mtime_ns=time.time_ns())
+        of.st["hsm"] = hsm.after_write(of.st["hsm"])
+        del a
+
+    @fuse_errors
+    async def flush(self, fh):
+        if fh in self.files:
+            await self._commit(self.files[fh])
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        of = self.files.get(fh)
+        if of is None:
+            return
+        for idx in set(of.layout.osts):
+            ost = await self.ost(idx)
+            await ost.call("fsync", ino=of.ino)
+        await self._commit(of)
+
+    @fuse_errors
+    async def release(self, fh):
+        of = self.files.pop(fh, None)
+        if of is None:
+            return
+        try:
+            await self._commit(of)
+        finally:
+            if of.writable:
+                fhs = self.writers.get(of.ino)
+                if fhs:
+                    fhs.discard(fh)
+                    if not fhs:
+                        del self.writers[of.ino]
+            self._close_fds(of)
+            await self.mds.call("close", handle=of.handle)
+
+    # -- extended attributes and the control plane --------------------------
+
+    async def _info(self, ino: int) -> dict:
+        return await self.mds.call("info", ino=ino)
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        name = bytes(name)
+        if name.startswith(PASSTHROUGH_PREFIXES):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if inode == CTL_INO:
+            return await self._ctl_get(name)
+        if name == b"lustrefuse.info":
+            return json.dumps(await self._info(inode)).encode()
+        if name == b"trusted.hsm":
+            info = await self._info(inode)
+            return struct.pack("<IIQQ", 0, info["hsm"]["flags"], info["hsm"]["archive_id"], 0)
+        if name in (b"lustre.lov", b"trusted.lov"):
+            info = await self._info(inode)
+            if not info["layout"]:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return lov_bytes(inode, info["layout"])
+        if name == b"lustrefuse.hsm_state":
+            info = await self._info(inode)
+            return " ".join(hsm.state_words(info["hsm"]["flags"])).encode()
+        try:
+            return await self.mds.call("getxattr", ino=inode, name=name)
+        except RpcError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    async def _ctl_get(self, name: bytes) -> bytes:
+        if name == b"lustrefuse.df":
+            st = await self.mds.call("statfs")
+            st["mount"] = self.mountpoint
+            return json.dumps(st).encode()
+        if name == b"lustrefuse.stats":
+            return json.dumps(await self.collect_stats()).encode()
+        if name == b"lustrefuse.data_dir":
+            return (self.data_dir or "").encode()
+        if name.startswith(b"lustrefuse.fid2path."):
+            return await self.mds.call("fid2path", fid=name[len(b"lustrefuse.fid2path."):].decode())
+        if name == b"lustrefuse.hsm_list":
+            return json.dumps(await self.mds.call("hsm_list", all=True)).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def collect_stats(self) -> dict:
+        out = {"client": dict(self.counters), "mds": await self.mds.call("stats"), "osts": {}}
+        total = {"s3_requests": out["mds"].get("s3_requests", 0),
+                 "s3_gets": out["mds"].get("s3_gets", 0),
+                 "s3_bytes_in": out["mds"].get("s3_bytes_in", 0)}
+        for idx in sorted(self.osts):
+            try:
+                s = await self.osts[idx].call("stats", timeout=5)
+            except RpcError as e:
+                s = {"error": str(e)}
+            out["osts"][str(idx)] = s
+            for k in total:
+                total[k] += s.get(k, 0)
+        total["bytes_served_from_osts"] = self.counters.get("bytes_from_ost", 0)
+        out["total"] = total
+        return out
+
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        name = bytes(name)
+        value = bytes(value)
+        if inode == CTL_INO:
+            return await self._ctl_set(name, value, ctx)
+        if name in (b"trusted.hsm", b"lustrefuse.info"):
+            return  # as Lustre: state is changed by requests, not by writing the xattr
+        if name in (b"lustre.lov", b"trusted.lov"):
+            spec = lov_spec(value)
+            try:
+                await self.mds.call("setstripe", ino=inode, spec=spec.to_dict(), uid=ctx.uid)
+            except RpcError as e:
+                if e.errno != errno.EEXIST:  # tar/rsync restoring onto a laid-out file
+                    raise
+            return
+        if name == b"lustrefuse.hsm_request":
+            await self._request(ctx, value.decode().strip(), [inode], 0)
+            return
+        if name.startswith(b"lustrefuse."):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if name.startswith(PASSTHROUGH_PREFIXES):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        await self.mds.call("setxattr", ino=inode, name=name, value=value)
+
+    async def _request(self, ctx, action: str, inos: list[int], archive_id: int):
+        action = action.lower()
+        if action not in ("archive", "restore", "release", "remove", "cancel"):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if action == "restore" and ctx.uid != 0:
+            for ino in inos:  # anyone who may read a file may restore it (Lustre's mask)
+                a = await self.mds.call("getattr", ino=ino)
+                if not may_read(a, ctx.uid, ctx.gid):
+                    raise pyfuse3.FUSEError(errno.EACCES)
+            uid = 0
+        else:
+            uid = ctx.uid
+        await self.mds.call("hsm_request", action=action, inos=inos, uid=uid,
+                            archive_id=archive_id)
+
+    async def _ctl_set(self, name: bytes, value: bytes, ctx):
+        try:
+            req = json.loads(value) if value else {}
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        if not isinstance(req, dict):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        inos = req.get("inos", [])
+        if not isinstance(inos, list) or not all(isinstance(i, int) for i in inos):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if name == b"lustrefuse.request":
+            await self._request(ctx, str(req.get("action", "")), inos,
+                                int(req.get("archive_id") or 0))
+        elif name == b"lustrefuse.hsm_set":
+            for ino in inos:
+                await self.mds.call("hsm_set", ino=ino, set=int(req.get("set", 0)),
+                                    clear=int(req.get("clear", 0)), uid=ctx.uid,
+                                    archive_id=int(req.get("archive_id") or 0))
+        elif name == b"lustrefuse.setstripe":
+            spec = req.get("spec")
+            await self.mds.call("setstripe", ino=int(req["ino"]), spec=spec, uid=ctx.uid)
+        else:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+
+    @fuse_errors
+    async def listxattr(self, inode, ctx):
+        if inode == CTL_INO:
+            return []
+        return await self.mds.call("listxattr", ino=inode)
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        name = bytes(name)
+        if inode == CTL_INO or name.startswith(b"lustrefuse."):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            await self.mds.call("removexattr", ino=inode, name=name)
+        except RpcError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    async def forget(self, inode_list):
+        return
+
+    def stacktrace(self):
+        pass
+
+
+def may_read(a: dict, uid: int, gid: int) -> bool:
+    mode = a["mode"]
+    if uid == a["uid"]:
+        return bool(mode & stat.S_IRUSR)
+    if gid == a["gid"]:
+        return bool(mode & stat.S_IRGRP)
+    return bool(mode & stat.S_IROTH)
+
+
+LOV_MAGIC_V1 = 0x0BD10BD0
+LOV_PATTERN_RAID0 = 0x1
+LOV_PATTERN_F_RELEASED = 0x80000000
+
+
+def lov_bytes(ino: int, lay: dict) -> bytes:
+    """struct lov_user_md_v1 for ``lustre.lov`` (reference §2.7)."""
+    pattern = LOV_PATTERN_RAID0 | (LOV_PATTERN_F_RELEASED if lay["released"] else 0)
+    seq, oid = 0x200000400 + (ino >> 32), ino & 0xFFFFFFFF
+    out = struct.pack("<IIQQIHH", LOV_MAGIC_V1, pattern, oid, seq, lay["stripe_size"],
+                      lay["stripe_count"], lay["gen"])
+    for o in lay["osts"]:
+        out += struct.pack("<QQII", ino, 0, 0, o)
+    return out
+
+
+def lov_spec(value: bytes) -> StripeSpec:
+    if len(value) < 32:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    magic, _pattern, _oid, _seq, size, count, offset = struct.unpack("<IIQQIHH", value[:32])
+    if magic != LOV_MAGIC_V1:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    return StripeSpec(size, -1 if count == 0xFFFF else count,
+                      -1 if offset == 0xFFFF else offset)
+
+
+async def serve(fs: Filesystem, mountpoint: str, options: set, notify=None):
+    """Mount and run until unmounted or SIGTERM/SIGINT."""
+    import signal
+
+    fs.mountpoint = os.path.abspath(mountpoint)
+    pyfuse3.init(fs, mountpoint, options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await fs.start(nursery)
+
+            async def on_signal():
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                    async for _ in sigs:
+                        log.info("signal received; unmounting")
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            if notify:
+                nursery.start_soon(trio.to_thread.run_sync, notify)
+            await pyfuse3.main(min_tasks=4, max_tasks=128)
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def format_fid_of(ino: int) -> str:
+    return format_fid(ino)

@@ -1,0 +1,470 @@
+"""The metadata server: namespace RPCs, open tracking, OST registry, import, HSM.
+
+One process owns the SQLite namespace (``DATA_DIR/mds.db``) and an exclusive
+lock on ``DATA_DIR/mds.lock`` so a second MDS on the same directory refuses
+to start. Clients and OSTs reach it over ``unix:DATA_DIR/mds.sock`` (or TCP
+with a shared secret).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import hsm, keys, rpc
+from .coordinator import Coordinator
+from .importer import Importer
+from .layout import Layout, LayoutError, StripeSpec, format_fid, parse_fid
+from .namespace import ROOT, Namespace, bitmap_has
+from .protocol import RpcError
+from .s3 import Repository, S3Error
+
+log = logging.getLogger(__name__)
+
+CTL_NAME = b".lustrefuse_ctl"
+
+
+class LockedError(SystemExit):
+    pass
+
+
+def take_lock(path: str):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockedError(f"another MDS is already running on {os.path.dirname(path)}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class Mds:
+    def __init__(self, data_dir: str, config: dict):
+        self.data_dir = data_dir
+        self.config = config
+        self.fsname = config.get("fsname", "lustrefuse")
+        self.ns = Namespace(os.path.join(data_dir, "mds.db"), config["osts"],
+                            config["stripe_size"])
+        self.repo = None
+        if config.get("bucket"):
+            self.repo = Repository(config["bucket"], config.get("endpoint_url"))
+        self.prefix = config.get("prefix", "")
+        self.osts: dict[int, rpc.Client] = {}
+        self.ost_addrs: dict[int, str] = {}
+        for idx, addr in (self.ns.meta_get("ost_addrs", {}) or {}).items():
+            self._add_ost(int(idx), addr)
+        self.lock = threading.Lock()
+        # open tracking: handle -> (client, ino, writable)
+        self.opens: dict[int, tuple[str, int, bool]] = {}
+        self.open_count: dict[int, int] = {}
+        self.clients: set[str] = set()
+        self._handles = iter(range(1, 1 << 62))
+        self.importer: Importer | None = None
+        self.import_thread: threading.Thread | None = None
+        self.bg = ThreadPoolExecutor(4, thread_name_prefix="mds-bg")
+        self.coordinator = Coordinator(self)
+        self.counters = {"ops": 0}
+
+    # -- OSTs --------------------------------------------------------------
+
+    def _add_ost(self, idx: int, addr: str):
+        self.ost_addrs[idx] = addr
+        self.osts[idx] = rpc.Client(addr, self.config.get("secret"), timeout=600)
+
+    def ost(self, idx: int) -> rpc.Client:
+        c = self.osts.get(idx)
+        if c is None:
+            raise RpcError(errno.EIO, f"OST {idx} has not registered")
+        return c
+
+    def h_register_ost(self, peer, index: int, address: str):
+        if not 0 <= index < self.config["osts"]:
+            raise RpcError(errno.EINVAL, f"OST index {index} is outside 0..{self.config['osts'] - 1}")
+        with self.lock:
+            self._add_ost(index, address)
+            self.ns.meta_set("ost_addrs", {str(k): v for k, v in self.ost_addrs.items()})
+        log.info("OST %d registered at %s", index, address)
+        return self.repo_config()
+
+    def repo_config(self) -> dict:
+        return {k: self.config.get(k) for k in ("bucket", "endpoint_url", "prefix")}
+
+    def h_config(self, peer):
+        return {"osts": {str(k): v for k, v in self.ost_addrs.items()},
+                "ost_count": self.config["osts"], "fsname": self.fsname,
+                "stripe_size": self.config["stripe_size"], **self.repo_config()}
+
+    def h_ping(self, peer):
+        return {"pid": os.getpid(), "osts": len(self.ost_addrs)}
+
+    # -- sessions and opens -----------------------------------------------
+
+    def h_hello(self, peer, client: str):
+        """Bind a client's session to this connection: when it closes, its opens go."""
+        peer.state["client"] = client
+        with self.lock:
+            self.clients.add(client)
+        return {"fsname": self.fsname}
+
+    def on_disconnect(self, peer):
+        client = peer.state.get("client")
+        if not client:
+            return
+        with self.lock:
+            self.clients.discard(client)
+            gone = [h for h, (c, _i, _w) in self.opens.items() if c == client]
+        for h in gone:
+            self._close(h)
+        log.info("client %s disconnected; %d open files dropped", client, len(gone))
+
+    def is_open(self, ino: int, writers_only: bool = False) -> bool:
+        with self.lock:
+            if writers_only:
+                return any(i == ino and w for _c, i, w in self.opens.values())
+            return self.open_count.get(ino, 0) > 0
+
+    def h_open(self, peer, ino: int, client: str, writable: bool = False):
+        st = self.ns.file_state(ino)
+        with self.lock:
+            h = next(self._handles)
+            self.opens[h] = (client, ino, writable)
+            self.open_count[ino] = self.open_count.get(ino, 0) + 1
+        st["handle"] = h
+        return st
+
+    def h_file_state(self, peer, ino: int):
+        return self.ns.file_state(ino)
+
+    def _close(self, handle: int):
+        with self.lock:
+            entry = self.opens.pop(handle, None)
+            if entry is None:
+                return
+            ino = entry[1]
+            self.open_count[ino] -= 1
+            last = self.open_count[ino] == 0
+            if last:
+                del self.open_count[ino]
+        if last and self.ns.nlink(ino) == 0:
+            self._destroy(ino)
+
+    def h_close(self, peer, handle: int):
+        self._close(handle)
+
+    def _destroy(self, ino: int):
+        """Free an inode nobody names or holds open, and its OST objects."""
+        try:
+            st = self.ns.file_state(ino)
+        except RpcError:
+            return
+        self.ns.destroy(ino)
+        lay = st.get("layout")
+        if lay:
+            for idx in set(lay["osts"]):
+                self.bg.submit(self._ost_call, idx, "destroy", ino=ino)
+
+    def _ost_call(self, idx: int, op: str, **args):
+        try:
+            return self.ost(idx).call(op, **args)
+        except (OSError, RpcError) as e:
+            log.warning("OST %d %s failed: %s", idx, op, e)
+
+    # -- namespace ---------------------------------------------------------
+
+    def h_getattr(self, peer, ino: int):
+        return self.ns.getattr(ino)
+
+    def h_lookup(self, peer, parent: int, name: bytes):
+        return self.ns.lookup(parent, name)
+
+    def h_readdir(self, peer, ino: int, after: int = 0, limit: int = 1000):
+        return self.ns.readdir(ino, after, min(int(limit), 5000))
+
+    def h_readlink(self, peer, ino: int):
+        return self.ns.readlink(ino)
+
+    def h_create(self, peer, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                 rdev: int = 0):
+        return self.ns.create(parent, name, mode, uid, gid, rdev)
+
+    def h_mkdir(self, peer, parent: int, name: bytes, mode: int, uid: int, gid: int):
+        return self.ns.mkdir(parent, name, mode, uid, gid)
+
+    def h_symlink(self, peer, parent: int, name: bytes, target: bytes, uid: int, gid: int):
+        return self.ns.symlink(parent, name, target, uid, gid)
+
+    def h_link(self, peer, ino: int, parent: int, name: bytes):
+        return self.ns.link(ino, parent, name)
+
+    def _maybe_destroy(self, ino: int | None):
+        if ino is not None and self.ns.nlink(ino) == 0 and not self.is_open(ino):
+            self._destroy(ino)
+
+    def h_unlink(self, peer, parent: int, name: bytes):
+        ino = self.ns.unlink(parent, name)
+        self._maybe_destroy(ino)
+        return ino
+
+    def h_rmdir(self, peer, parent: int, name: bytes):
+        ino = self.ns.rmdir(parent, name)
+        self.ns.destroy(ino)
+        return ino
+
+    def h_rename(self, peer, parent: int, name: bytes, newparent: int, newname: bytes,
+                 flags: int = 0):
+        old = self.ns.rename(parent, name, newparent, newname, flags)
+        if old is not None:
+            (mode,) = self.ns._row(old, "mode")
+            if stat.S_ISDIR(mode):
+                self.ns.destroy(old)
+            else:
+                self._maybe_destroy(old)
+        return old
+
+    def h_setattr(self, peer, ino: int, fields: dict):
+        return self.ns.setattr(ino, fields)
+
+    def h_written(self, peer, ino: int, size: int, chunks: list, mtime_ns: int | None = None):
+        self.ns.note_written(ino, size, [int(s) for s in chunks], mtime_ns)
+        return self.ns.getattr(ino)
+
+    def h_getxattr(self, peer, ino: int, name: bytes):
+        return self.ns.getxattr(ino, name)
+
+    def h_listxattr(self, peer, ino: int):
+        return self.ns.listxattr(ino)
+
+    def h_setxattr(self, peer, ino: int, name: bytes, value: bytes, flags: int = 0):
+        return self.ns.setxattr(ino, name, value, flags)
+
+    def h_removexattr(self, peer, ino: int, name: bytes):
+        return self.ns.removexattr(ino, name)
+
+    def h_statfs(self, peer):
+        osts = []
+        for idx in sorted(self.osts):
+            try:
+                osts.append(self.ost(idx).call("statfs", timeout=5))
+            except (OSError, RpcError) as e:
+                osts.append({"index": idx, "error": str(e)})
+        st = os.statvfs(self.data_dir)
+        used = self.ns.counts()["inodes"]
+        mdt = {"index": 0, "blocks": st.f_blocks * st.f_frsize, "bfree": st.f_bfree * st.f_frsize,
+               "bavail": st.f_bavail * st.f_frsize, "files": max(st.f_files, used),
+               "ffree": max(st.f_files - used, 0)}
+        return {"fsname": self.fsname, "mdts": [mdt], "osts": osts}
+
+    # -- chunk presence ------------------------------------------------------
+
+    def h_chunks_present(self, peer, ost: int, chunks: dict):
+        for ino, ss in chunks.items():
+            self.ns.mark_present(int(ino), [int(s) for s in ss])
+
+    # -- Lustre views -----------------------------------------------------
+
+    def h_info(self, peer, ino: int):
+        st = self.ns.file_state(ino)
+        mode = st["mode"]
+        kind = ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
+                else "link" if stat.S_ISLNK(mode) else "other")
+        info = {"fid": format_fid(ino), "ino": ino, "type": kind,
+                "hsm": {"flags": st["hsm"], "archive_id": st["archive_id"]},
+                "action": self.coordinator.current_action(ino, st),
+                "size": st["size"], "mtime": st["mtime_ns"] / 1e9, "atime": st["atime_ns"] / 1e9,
+                "ctime": st["ctime_ns"] / 1e9, "layout": None, "dir_default": None,
+                "defaults": {"stripe_size": self.config["stripe_size"], "stripe_count": 1,
+                             "stripe_offset": -1},
+                "s3": {"key": st["s3_key"], "etag": st["etag"]}}
+        if st["layout"]:
+            lay = Layout.from_dict(st["layout"])
+            released = bool(st["hsm"] & hsm.RELEASED)
+            n = lay.chunk_count(st["size"])
+            present = [s for s in range(n) if bitmap_has(st["present"], s)]
+            info["layout"] = {
+                "stripe_size": lay.stripe_size, "stripe_count": lay.stripe_count,
+                "stripe_offset": lay.stripe_offset, "osts": list(lay.osts), "gen": lay.gen,
+                "pattern": "raid0", "released": released,
+                "objects": [{"ost": o, "objid": ino, "group": 0} for o in lay.osts]}
+            info["chunks"] = n
+            info["present"] = len(present)
+            info["present_bytes"] = sum(lay.chunk_length(s, st["size"]) for s in present)
+            info["present_by_ost"] = {str(o): sum(1 for s in present if lay.ost_of_chunk(s) == o)
+                                      for o in lay.osts}
+        if kind == "dir":
+            raw = self.ns.dir_spec(ino)
+            info["dir_default"] = raw.to_dict() if raw != StripeSpec() else None
+        return info
+
+    def h_fid2path(self, peer, fid: str):
+        try:
+            ino = parse_fid(fid)
+        except ValueError as e:
+            raise RpcError(errno.EINVAL, str(e)) from None
+        return self.ns.path_of(ino)
+
+    def h_setstripe(self, peer, ino: int, spec: dict | None, uid: int):
+        st = self.ns.file_state(ino)
+        if uid != 0 and uid != st["uid"]:
+            raise RpcError(errno.EPERM, "only the owner may set a layout")
+        s = StripeSpec.from_dict(spec)
+        try:
+            if stat.S_ISDIR(st["mode"]):
+                from .layout import validate_spec
+                validate_spec(s, self.config["osts"])
+                self.ns.set_dir_spec(ino, None if s == StripeSpec() else s)
+                return None
+            if not stat.S_ISREG(st["mode"]):
+                raise RpcError(errno.EINVAL, "not a file or directory")
+            if st["size"] or st["data_version"] or st["s3_key"]:
+                raise RpcError(errno.EEXIST, "stripe already set")
+            from .layout import make_layout
+            lay = make_layout(s.merged_over(self.ns.dir_spec(ROOT)), self.config["osts"],
+                              self.ns._rr, self.config["stripe_size"])
+        except LayoutError as e:
+            raise RpcError(errno.EINVAL, str(e)) from None
+        self.ns.set_layout(ino, lay)
+        return lay.to_dict()
+
+    # -- HSM ---------------------------------------------------------------
+
+    def h_hsm_set(self, peer, ino: int, set: int = 0, clear: int = 0, uid: int = 0,
+                  archive_id: int = 0):
+        st = self.ns.file_state(ino)
+        if uid != 0 and uid != st["uid"]:
+            raise RpcError(errno.EPERM, "not the owner")
+        try:
+            new = hsm.change_flags(st["hsm"], set, clear, uid == 0)
+        except hsm.HsmError as e:
+            raise RpcError(e.errno, str(e)) from None
+        aid = archive_id if archive_id and new & hsm.EXISTS else None
+        self.ns.set_hsm(ino, new, aid)
+        return new
+
+    def h_hsm_request(self, peer, action: str, inos: list, uid: int = 0, gid: int = 0,
+                      archive_id: int = 0, may_write: bool = True):
+        return self.coordinator.request(action, [int(i) for i in inos], uid, archive_id)
+
+    def h_hsm_list(self, peer, all: bool = False):
+        return self.coordinator.list(all)
+
+    def release(self, ino: int, wait_open: float = 1.0) -> int:
+        """Drop a file's local data, keep its namespace (Lustre's synchronous release)."""
+        st = self.ns.file_state(ino)
+        if not stat.S_ISREG(st["mode"]):
+            raise RpcError(errno.EINVAL, "not a regular file")
+        try:
+            if not hsm.release_check(st["hsm"]):
+                return 0
+        except hsm.HsmError as e:
+            raise RpcError(e.errno, str(e)) from None
+        deadline = time.monotonic() + wait_open
+        while self.is_open(ino):  # a close() may still be on its way from the kernel
+            if time.monotonic() > deadline:
+                raise RpcError(errno.EBUSY, "file is open")
+            time.sleep(0.02)
+        freed = 0
+        lay = st["layout"]
+        for idx in set(lay["osts"]) if lay else ():
+            freed += self.ost(idx).call("punch", ino=ino) or 0
+        self.ns.mark_released(ino)
+        return freed
+
+    # -- import --------------------------------------------------------------
+
+    def on_object_changed(self, ino: int):
+        """An import found the object changed or deleted: drop stale stripes."""
+        if self.ns.nlink(ino) == 0:
+            if not self.is_open(ino):
+                self._destroy(ino)
+            return
+        st = self.ns.file_state(ino)
+        for idx in range(self.config["osts"]):
+            if idx in self.osts:
+                self.bg.submit(self._ost_call, idx, "punch", ino=ino)
+        del st
+
+    def h_import_start(self, peer, posix_metadata: bool = True, deletions: bool = True):
+        if self.repo is None:
+            raise RpcError(errno.EINVAL, "no S3 repository is linked")
+        with self.lock:
+            if self.import_thread and self.import_thread.is_alive():
+                return self.importer.status.as_dict()
+            self.importer = Importer(self.ns, self.repo, self.prefix,
+                                     self.config["imported_file_chunk_size"],
+                                     self.config["stripe_size"], posix_metadata,
+                                     self.on_object_changed)
+            self.import_thread = threading.Thread(
+                target=self.importer.run, kwargs={"deletions": deletions},
+                name="import", daemon=True)
+            self.import_thread.start()
+        return self.importer.status.as_dict()
+
+    def h_import_status(self, peer):
+        if self.importer is None:
+            return {"state": "idle"}
+        return self.importer.status.as_dict()
+
+    def h_stats(self, peer):
+        s = {"inodes": self.ns.counts()["inodes"], "open_files": len(self.opens),
+             "clients": len(self.clients), **self.coordinator.counters}
+        if self.repo is not None:
+            s.update({"s3_" + k: v for k, v in self.repo.counters.as_dict().items()})
+        return s
+
+    def handlers(self) -> dict:
+        return {name[2:]: getattr(self, name) for name in dir(self) if name.startswith("h_")}
+
+    def recover(self):
+        """After a restart: free orphans (nobody can hold them open any more)."""
+        for ino in self.ns.orphans():
+            self._destroy(ino)
+        self.coordinator.recover()
+
+    def close(self):
+        self.coordinator.stop()
+        self.bg.shutdown(wait=False)
+
+
+def check_repository(config: dict):
+    """Fail early with one clear line when the bucket or endpoint is unusable."""
+    repo = Repository(config["bucket"], config.get("endpoint_url"))
+    try:
+        repo.check_bucket()
+    except S3Error as e:
+        raise SystemExit(f"cannot use s3://{config['bucket']}: {e}") from None
+
+
+def parse_key_prefix(url: str) -> tuple[str, str]:
+    return keys.parse_s3_url(url)
+
+
+def load_or_init_config(data_dir: str, given: dict) -> dict:
+    """The filesystem's config is fixed at creation; later runs may not contradict it."""
+    path = os.path.join(data_dir, "fs.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        for k in ("bucket", "prefix", "osts"):
+            if given.get(k) is not None and given[k] != saved.get(k):
+                raise SystemExit(f"{data_dir} was created with {k}={saved.get(k)!r}, "
+                                 f"not {given[k]!r}")
+        saved.update({k: v for k, v in given.items()
+                      if v is not None and k in ("endpoint_url", "secret_file")})
+        return saved
+    os.makedirs(data_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(given, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    return given

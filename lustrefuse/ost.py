@@ -1,0 +1,404 @@
+"""OST worker: one process per target directory, holding stripe objects.
+
+Each file with data on this OST has one sparse object file
+``DIR/objects/XX/INO``. Each stripe chunk of it has a row in ``DIR/ost.db``
+with its length and xxh3-64 checksum: a chunk is present iff its row is. A
+row is written only after the chunk's bytes are, so a chunk cut short by a
+crash is simply not present and is fetched again.
+
+Hydration is single-flight: concurrent requests for a missing chunk, from any
+number of clients, share one ranged GET. Landed chunks are reported to the MDS
+in batches by a background thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import xxhash
+
+from . import rpc
+from .layout import Layout
+from .protocol import RpcError
+from .s3 import NoSuchObject, Repository, S3Error, StaleObject
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    ino INTEGER NOT NULL,
+    s INTEGER NOT NULL,          -- file-wide stripe chunk number
+    length INTEGER NOT NULL,     -- bytes of the chunk held in the object
+    xxh INTEGER NOT NULL,        -- xxh3_64 of those bytes (signed 64-bit in SQLite)
+    PRIMARY KEY (ino, s)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+def checksum(data) -> int:
+    # SQLite integers are signed 64-bit
+    v = xxhash.xxh3_64_intdigest(data)
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+class ObjectStore:
+    """The OST directory: object files and the chunk table. No network here."""
+
+    def __init__(self, root: str, index: int):
+        self.root = root
+        self.index = index
+        os.makedirs(os.path.join(root, "objects"), exist_ok=True)
+        self.db = sqlite3.connect(os.path.join(root, "ost.db"), check_same_thread=False,
+                                  isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.Lock()
+        row = self.db.execute("SELECT value FROM meta WHERE key='index'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES ('index', ?)", (str(index),))
+        elif int(row[0]) != index:
+            raise SystemExit(f"{root} holds OST {row[0]}, not OST {index}")
+
+    def path(self, ino: int) -> str:
+        # Named by inode number only: object keys never reach the local filesystem.
+        return os.path.join(self.root, "objects", f"{ino & 0xFF:02x}", f"{ino:x}")
+
+    def open(self, ino: int, create: bool) -> int:
+        p = self.path(ino)
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            return os.open(p, flags, 0o600)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            return os.open(p, flags, 0o600)
+
+    def table(self, ino: int) -> dict[int, tuple[int, int]]:
+        with self.lock:
+            rows = self.db.execute("SELECT s, length, xxh FROM chunks WHERE ino=?", (ino,))
+            return {s: (n, x) for s, n, x in rows}
+
+    def has(self, ino: int, s: int):
+        with self.lock:
+            return self.db.execute("SELECT length, xxh FROM chunks WHERE ino=? AND s=?",
+                                   (ino, s)).fetchone()
+
+    def record(self, ino: int, entries: list[tuple[int, int, int]]):
+        with self.lock:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?)",
+                                [(ino, s, n, x) for s, n, x in entries])
+            self.db.execute("COMMIT")
+
+    def forget(self, ino: int, chunks: list[int] | None = None):
+        with self.lock:
+            if chunks is None:
+                self.db.execute("DELETE FROM chunks WHERE ino=?", (ino,))
+            else:
+                self.db.executemany("DELETE FROM chunks WHERE ino=? AND s=?",
+                                    [(ino, s) for s in chunks])
+
+    def punch(self, ino: int) -> int:
+        """Drop an object's data, keep nothing. Returns bytes freed.
+
+        The file is truncated in place rather than unlinked so that descriptors
+        clients hold stay valid (they see EOF and ask again).
+        """
+        self.forget(ino)
+        try:
+            fd = os.open(self.path(ino), os.O_RDWR)
+        except FileNotFoundError:
+            return 0
+        try:
+            freed = os.fstat(fd).st_blocks * 512
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        return freed
+
+    def destroy(self, ino: int) -> int:
+        freed = self.punch(ino)
+        try:
+            os.unlink(self.path(ino))
+        except FileNotFoundError:
+            pass
+        return freed
+
+    def statfs(self) -> dict:
+        st = os.statvfs(self.root)
+        (objects,) = self.db.execute("SELECT count(DISTINCT ino) FROM chunks").fetchone()
+        return {"index": self.index, "blocks": st.f_blocks * st.f_frsize,
+                "bfree": st.f_bfree * st.f_frsize, "bavail": st.f_bavail * st.f_frsize,
+                "files": st.f_files, "ffree": st.f_ffree, "objects": objects}
+
+
+class OstService:
+    def __init__(self, store: ObjectStore, mds: rpc.Client, repo: Repository | None,
+                 hydrate_threads: int = 16):
+        self.store = store
+        self.mds = mds
+        self.repo = repo
+        self.pool = ThreadPoolExecutor(hydrate_threads, thread_name_prefix="hydrate")
+        self.inflight: dict[tuple[int, int], Future] = {}
+        self.sf_lock = threading.Lock()
+        self.reports: queue.Queue = queue.Queue()
+        self.counters = {"chunks_hydrated": 0, "bytes_hydrated": 0, "bytes_served": 0,
+                         "fds_handed": 0, "bytes_written": 0, "verify_failures": 0,
+                         "refetched": 0, "hydrate_errors": 0, "single_flight_joins": 0}
+        self._stop = threading.Event()
+        threading.Thread(target=self._reporter, name="reporter", daemon=True).start()
+
+    def _count(self, name: str, n: int = 1):
+        with self.sf_lock:
+            self.counters[name] += n
+
+    # -- presence reports to the MDS --------------------------------------
+
+    def _reporter(self):
+        while not self._stop.is_set():
+            try:
+                first = self.reports.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch: dict[int, list[int]] = {}
+            item = first
+            while True:
+                ino, s = item
+                batch.setdefault(ino, []).append(s)
+                try:
+                    item = self.reports.get_nowait()
+                except queue.Empty:
+                    break
+            for attempt in range(20):
+                try:
+                    self.mds.call("chunks_present", ost=self.store.index,
+                                  chunks={str(k): v for k, v in batch.items()})
+                    break
+                except (OSError, RpcError) as e:
+                    log.warning("cannot report chunks to the MDS (%s); retrying", e)
+                    time.sleep(min(0.1 * 2 ** attempt, 2))
+
+    # -- hydration ---------------------------------------------------------
+
+    def _fetch(self, desc: dict, s: int) -> tuple[int, int, int]:
+        ino = desc["ino"]
+        lay = Layout.from_dict(desc["layout"])
+        length = lay.chunk_length(s, desc["s3_size"])
+        obj_off = lay.chunk_object_offset(s)
+        if self.repo is None:
+            raise RpcError(errno.EIO, "this OST has no S3 repository")
+        try:
+            data = self.repo.get_range(desc["s3_key"], s * lay.stripe_size, length, desc["etag"])
+        except StaleObject:
+            log.error("s3 key %r changed since import (ETag %s): chunk %d of inode %d not "
+                      "fetched", desc["s3_key"], desc["etag"], s, ino)
+            self._count("hydrate_errors")
+            raise RpcError(errno.ESTALE, f"{desc['s3_key']}: object changed since import") from None
+        except NoSuchObject:
+            log.error("s3 key %r is gone: chunk %d of inode %d not fetched",
+                      desc["s3_key"], s, ino)
+            self._count("hydrate_errors")
+            raise RpcError(errno.ESTALE, f"{desc['s3_key']}: object deleted") from None
+        except S3Error as e:
+            log.error("fetching chunk %d of s3 key %r failed: %s", s, desc["s3_key"], e)
+            self._count("hydrate_errors")
+            raise RpcError(errno.EIO, str(e)) from None
+        fd = self.store.open(ino, create=True)
+        try:
+            os.pwrite(fd, data, obj_off)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                log.error("OST %d is full: chunk %d of inode %d not stored",
+                          self.store.index, s, ino)
+            raise
+        finally:
+            os.close(fd)
+        entry = (s, length, checksum(data))
+        self.store.record(ino, [entry])
+        self._count("chunks_hydrated")
+        self._count("bytes_hydrated", length)
+        self.reports.put((ino, s))
+        return entry
+
+    def _hydrate_one(self, desc: dict, s: int) -> tuple[int, int, int]:
+        key = (desc["ino"], s)
+        try:
+            return self._fetch(desc, s)
+        finally:
+            with self.sf_lock:
+                self.inflight.pop(key, None)
+
+    def hydrate(self, desc: dict, chunks: list[int], wait: bool = True) -> dict:
+        """Make ``chunks`` present; returns ``{s: (length, xxh)}`` for them."""
+        ino = desc["ino"]
+        have = self.store.table(ino)
+        futures = []
+        for s in chunks:
+            if s in have:
+                continue
+            with self.sf_lock:
+                fut = self.inflight.get((ino, s))
+                if fut is None:
+                    fut = self.pool.submit(self._hydrate_one, desc, s)
+                    self.inflight[(ino, s)] = fut
+                else:
+                    self.counters["single_flight_joins"] += 1
+            futures.append(fut)
+        if not wait:
+            return {}
+        result = {s: have[s] for s in chunks if s in have}
+        for fut in futures:
+            s, n, x = fut.result()
+            result[s] = (n, x)
+        return result
+
+    # -- RPC handlers --------------------------------------------------------
+
+    def h_open_object(self, peer, ino: int, create: bool = False):
+        """Hand the object's descriptor to a same-host client, with its chunk table."""
+        table = self.store.table(ino)
+        try:
+            fd = self.store.open(ino, create)
+        except FileNotFoundError:
+            return rpc.Reply({"table": table, "fd": False})
+        self._count("fds_handed")
+        return rpc.Reply({"table": table, "fd": True}, [fd])
+
+    def h_table(self, peer, ino: int):
+        return self.store.table(ino)
+
+    def h_hydrate(self, peer, desc: dict, chunks: list, wait: bool = True):
+        return self.hydrate(desc, [int(s) for s in chunks], wait)
+
+    def h_read(self, peer, ino: int, offset: int, length: int):
+        """Read object bytes for a client without a local descriptor (remote hosts)."""
+        try:
+            fd = self.store.open(ino, False)
+        except FileNotFoundError:
+            return b""
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        self._count("bytes_served", len(data))
+        return data
+
+    def h_verify(self, peer, desc: dict, s: int, refetch: bool):
+        """Check one chunk against its checksum; refetch it from S3 when allowed."""
+        ino = desc["ino"]
+        row = self.store.has(ino, s)
+        if row is not None:
+            length, xxh = row
+            lay = Layout.from_dict(desc["layout"])
+            fd = self.store.open(ino, True)
+            try:
+                data = os.pread(fd, length, lay.chunk_object_offset(s))
+            finally:
+                os.close(fd)
+            if len(data) == length and checksum(data) == xxh:
+                return (length, xxh)
+            self._count("verify_failures")
+            log.error("checksum mismatch: inode %d chunk %d on OST %d (object offset %d)",
+                      ino, s, self.store.index, lay.chunk_object_offset(s))
+            self.store.forget(ino, [s])
+        if not refetch:
+            raise RpcError(errno.EIO, f"chunk {s} of inode {ino} is corrupt and has no "
+                           "clean copy in S3")
+        self._count("refetched")
+        return self.hydrate(desc, [s])[s]
+
+    def h_write(self, peer, desc: dict, s: int, offset: int, data: bytes):
+        """Write into chunk ``s`` at object offset ``offset``; hydrate the chunk first
+        when it still lives only in S3. Returns the chunk's new (length, xxh)."""
+        ino = desc["ino"]
+        lay = Layout.from_dict(desc["layout"])
+        base = lay.chunk_object_offset(s)
+        row = self.store.has(ino, s)
+        if row is None and desc.get("s3_key") and lay.chunk_length(s, desc.get("s3_size") or 0):
+            row = self.hydrate(desc, [s])[s]
+        old_len = row[0] if row else 0
+        fd = self.store.open(ino, True)
+        try:
+            os.pwrite(fd, data, offset)
+            length = max(old_len, offset + len(data) - base)
+            chunk = os.pread(fd, length, base)
+        finally:
+            os.close(fd)
+        if len(chunk) < length:  # a hole at the object's end reads short
+            chunk += bytes(length - len(chunk))
+        entry = (s, length, checksum(chunk))
+        self.store.record(ino, [entry])
+        self._count("bytes_written", len(data))
+        return entry[1:]
+
+    def h_truncate(self, peer, desc: dict, size: int):
+        """Cut this OST's object of a file to the new file ``size``; rehash the edge chunk."""
+        ino = desc["ino"]
+        lay = Layout.from_dict(desc["layout"])
+        pos = lay.osts.index(self.store.index) if self.store.index in lay.osts else None
+        table = self.store.table(ino)
+        gone = [s for s in table if s * lay.stripe_size >= size]
+        self.store.forget(ino, gone)
+        result = {}
+        if pos is not None:
+            try:
+                fd = self.store.open(ino, False)
+            except FileNotFoundError:
+                return {}
+            try:
+                os.ftruncate(fd, lay.object_size(pos, size))
+                edge = size // lay.stripe_size
+                if edge in table and size % lay.stripe_size:
+                    n = min(table[edge][0], size % lay.stripe_size)
+                    data = os.pread(fd, n, lay.chunk_object_offset(edge))
+                    data += bytes(n - len(data))
+                    self.store.record(ino, [(edge, n, checksum(data))])
+                    result[edge] = (n, checksum(data))
+            finally:
+                os.close(fd)
+        return result
+
+    def h_fsync(self, peer, ino: int):
+        try:
+            fd = self.store.open(ino, False)
+        except FileNotFoundError:
+            return None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def h_punch(self, peer, ino: int):
+        return self.store.punch(ino)
+
+    def h_destroy(self, peer, ino: int):
+        return self.store.destroy(ino)
+
+    def h_statfs(self, peer):
+        return self.store.statfs()
+
+    def h_stats(self, peer):
+        c = dict(self.counters)
+        if self.repo is not None:
+            c.update({"s3_" + k: v for k, v in self.repo.counters.as_dict().items()})
+        return c
+
+    def h_ping(self, peer):
+        return {"ost": self.store.index, "pid": os.getpid()}
+
+    def handlers(self) -> dict:
+        return {name[2:]: getattr(self, name) for name in dir(self) if name.startswith("h_")}
+
+    def close(self):
+        self._stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)

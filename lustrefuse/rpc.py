@@ -1,0 +1,377 @@
+"""RPC transport: a threaded server, a blocking client, and a trio client.
+
+Addresses are ``unix:/path/to.sock`` or ``tcp:HOST:PORT``. Unix sockets are
+created 0600; TCP connections must answer an HMAC challenge with the shared
+secret before any request is read. A reply may carry file descriptors
+(SCM_RIGHTS over Unix sockets) so a client on the same host can ``pread`` an
+OST object directly.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import socketserver
+import threading
+from dataclasses import dataclass, field
+
+from . import protocol
+from .protocol import ProtocolError, RpcError
+
+log = logging.getLogger(__name__)
+
+MAX_FDS = 8
+_ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+NONCE = 32
+
+
+def parse_address(addr: str):
+    kind, _, rest = addr.partition(":")
+    if kind == "unix" and rest:
+        return socket.AF_UNIX, rest
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit():
+            return socket.AF_INET, (host.strip("[]"), int(port))
+    raise ValueError(f"bad address '{addr}' (want unix:PATH or tcp:HOST:PORT)")
+
+
+def _mac(secret: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, nonce, hashlib.sha256).digest()
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        if fds is not None and not buf:
+            chunk, anc, _flags, _addr = sock.recvmsg(n - len(buf), _ANC)
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(data[: len(data) - len(data) % a.itemsize])
+                    fds.extend(a)
+        else:
+            chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(sock: socket.socket, fds: list | None = None):
+    header = _recv_exact(sock, protocol.HEADER.size, fds)
+    length = protocol.parse_header(header)
+    return protocol.decode(_recv_exact(sock, length) if length else b"")
+
+
+@dataclass
+class Reply:
+    """A handler result that also hands over file descriptors (closed after sending)."""
+
+    result: object
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Peer:
+    """What a handler knows about the connection it serves."""
+
+    conn_id: int
+    uid: int | None = None  # from SO_PEERCRED on Unix sockets
+    state: dict = field(default_factory=dict)
+
+
+class Server:
+    """Serve ``handlers[op](peer, **args)`` on one address, a thread per connection."""
+
+    def __init__(self, address: str, handlers: dict, secret: bytes | None = None,
+                 on_disconnect=None, mode: int = 0o600):
+        self.address = address
+        self.handlers = handlers
+        self.secret = secret
+        self.on_disconnect = on_disconnect
+        family, where = parse_address(address)
+        if family == socket.AF_INET and not secret:
+            raise ValueError("a TCP listener needs a shared secret (--secret-file)")
+        outer = self
+        self._ids = iter(range(1, 1 << 62))
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                outer._serve_connection(self.request)
+
+        if family == socket.AF_UNIX:
+            if os.path.exists(where):
+                os.unlink(where)
+            base = socketserver.ThreadingUnixStreamServer
+            old = os.umask(0o177)
+            try:
+                self._srv = base(where, Handler)
+            finally:
+                os.umask(old)
+            os.chmod(where, mode)
+        else:
+            base = socketserver.ThreadingTCPServer
+            base.allow_reuse_address = True
+            self._srv = base(where, Handler)
+            if where[1] == 0:
+                self.address = f"tcp:{where[0]}:{self._srv.server_address[1]}"
+        self._srv.daemon_threads = True
+
+    def serve_forever(self):
+        self._srv.serve_forever(poll_interval=0.2)
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, name="rpc-server", daemon=True)
+        t.start()
+        return t
+
+    def shutdown(self):
+        self._srv.shutdown()
+        self._srv.server_close()
+
+    def _serve_connection(self, sock: socket.socket):
+        peer = Peer(next(self._ids))
+        try:
+            if sock.family == socket.AF_UNIX:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                peer.uid = int.from_bytes(creds[4:8], "little")
+            elif not self._authenticate(sock):
+                return
+            while True:
+                try:
+                    msg = read_frame(sock)
+                except (ConnectionError, OSError):
+                    return
+                except ProtocolError as e:
+                    log.warning("rejected a malformed frame: %s", e)
+                    sock.sendall(protocol.reply_err(errno.EPROTO, str(e)))
+                    return  # the stream position is unknown now
+                self._dispatch(sock, peer, msg)
+        finally:
+            if self.on_disconnect:
+                try:
+                    self.on_disconnect(peer)
+                except Exception:
+                    log.exception("disconnect hook failed")
+            sock.close()
+
+    def _authenticate(self, sock: socket.socket) -> bool:
+        nonce = os.urandom(NONCE)
+        sock.settimeout(10)
+        try:
+            sock.sendall(nonce)
+            answer = _recv_exact(sock, 32)
+        except (OSError, ConnectionError):
+            return False
+        if not hmac.compare_digest(answer, _mac(self.secret, nonce)):
+            log.warning("refused a TCP client without the shared secret")
+            return False
+        sock.settimeout(None)
+        return True
+
+    def _dispatch(self, sock: socket.socket, peer: Peer, msg):
+        fds: list[int] = []
+        try:
+            op, args = protocol.parse_request(msg)
+            handler = self.handlers.get(op)
+            if handler is None:
+                raise RpcError(errno.ENOSYS, f"unknown operation '{op}'")
+            try:
+                result = handler(peer, **args)
+            except TypeError as e:
+                if "argument" in str(e):
+                    raise RpcError(errno.EINVAL, f"{op}: {e}") from None
+                raise
+            if isinstance(result, Reply):
+                fds = result.fds
+                result = result.result
+            frame = protocol.reply_ok(result)
+        except ProtocolError as e:
+            frame = protocol.reply_err(errno.EPROTO, str(e))
+        except RpcError as e:
+            frame = protocol.reply_err(e.errno, e.strerror)
+        except OSError as e:
+            frame = protocol.reply_err(e.errno or errno.EIO, str(e))
+        except Exception as e:
+            log.exception("handler failed")
+            frame = protocol.reply_err(errno.EIO, f"internal error: {e}")
+        try:
+            if fds and sock.family == socket.AF_UNIX:
+                socket.send_fds(sock, [frame[:1]], fds)
+                sock.sendall(frame[1:])
+            else:
+                sock.sendall(frame)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _connect(address: str, secret: bytes | None, timeout: float) -> socket.socket:
+    family, where = parse_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(where)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nonce = _recv_exact(sock, NONCE)
+            sock.sendall(_mac(secret or b"", nonce))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Client:
+    """A blocking client with a small connection pool; safe to share between threads."""
+
+    def __init__(self, address: str, secret: bytes | None = None, timeout: float = 30.0):
+        self.address = address
+        self.secret = secret
+        self.timeout = timeout
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def call(self, op: str, timeout: float | None = None, want_fds: bool = False, **args):
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+        if sock is None:
+            sock = _connect(self.address, self.secret, self.timeout)
+        fds: list[int] = []
+        try:
+            sock.settimeout(timeout or self.timeout)
+            sock.sendall(protocol.request(op, args))
+            msg = read_frame(sock, fds)
+        except BaseException:
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise
+        with self._lock:
+            self._idle.append(sock)
+        try:
+            result = protocol.parse_reply(msg)
+        except RpcError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if want_fds:
+            return result, fds
+        for fd in fds:
+            os.close(fd)
+        return result
+
+    def close(self):
+        with self._lock:
+            for s in self._idle:
+                s.close()
+            self._idle.clear()
+
+
+class TrioClient:
+    """The same protocol for the FUSE daemon's trio loop (no thread hop per call)."""
+
+    def __init__(self, address: str, secret: bytes | None = None, timeout: float = 30.0,
+                 max_connections: int = 32):
+        import trio
+
+        self._trio = trio
+        self.address = address
+        self.secret = secret
+        self.timeout = timeout
+        self._idle: list = []
+        self._slots = trio.Semaphore(max_connections)
+
+    async def _connect(self):
+        trio = self._trio
+        family, where = parse_address(self.address)
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect(where)
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nonce = await self._recv_exact(sock, NONCE)
+                await self._sendall(sock, _mac(self.secret or b"", nonce))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
+    async def _sendall(sock, data: bytes):
+        view = memoryview(data)
+        while view:
+            n = await sock.send(view)
+            view = view[n:]
+
+    @staticmethod
+    async def _recv_exact(sock, n: int, fds: list | None = None) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            if fds is not None and not buf:
+                chunk, anc, _f, _a = await sock.recvmsg(n - len(buf), _ANC)
+                for level, kind, data in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        a = array.array("i")
+                        a.frombytes(data[: len(data) - len(data) % a.itemsize])
+                        fds.extend(a)
+            else:
+                chunk = await sock.recv(min(n - len(buf), 4 * 1024 * 1024))
+            if not chunk:
+                raise ConnectionError("connection closed")
+            buf += chunk
+        return bytes(buf)
+
+    async def call(self, op: str, timeout: float | None = None, want_fds: bool = False,
+                   **args):
+        trio = self._trio
+        async with self._slots:
+            sock = self._idle.pop() if self._idle else None
+            fds: list[int] = []
+            try:
+                with trio.fail_after(timeout or self.timeout):
+                    if sock is None:
+                        sock = await self._connect()
+                    await self._sendall(sock, protocol.request(op, args))
+                    header = await self._recv_exact(sock, protocol.HEADER.size, fds)
+                    length = protocol.parse_header(header)
+                    body = await self._recv_exact(sock, length) if length else b""
+            except trio.TooSlowError:
+                if sock is not None:
+                    sock.close()
+                raise RpcError(errno.ETIMEDOUT, f"{op}: no answer from {self.address}") from None
+            except (OSError, ConnectionError, ProtocolError) as e:
+                if sock is not None:
+                    sock.close()
+                for fd in fds:
+                    os.close(fd)
+                raise RpcError(errno.EIO, f"{op}: {self.address}: {e}") from None
+            except BaseException:
+                if sock is not None:
+                    sock.close()
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._idle.append(sock)
+        try:
+            result = protocol.parse_reply(protocol.decode(body))
+        except RpcError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if want_fds:
+            return result, fds
+        for fd in fds:
+            os.close(fd)
+        return result
+
+    def close(self):
+        for s in self._idle:
+            s.close()
+        self._idle.clear()
