@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from . import hsm, rpc
-from .layout import Layout, StripeSpec, format_fid
+from .layout import Layout, StripeSpec
 from .mds import CTL_NAME
 from .ost import checksum
 from .protocol import RpcError
@@ -110,6 +110,7 @@ class Filesystem(pyfuse3.Operations):
         self.files: dict[int, OpenFile] = {}
         self.dirs: dict[int, list] = {}
         self.writers: dict[int, set[int]] = {}  # ino -> fhs open for write
+        self.seen_version: dict[int, int] = {}  # ino -> data version our page cache holds
         self._fh = iter(range(1, 1 << 62))
         self.attr_timeout = attr_timeout
         self.data_dir = data_dir
@@ -167,10 +168,7 @@ class Filesystem(pyfuse3.Operations):
         e.st_uid = a["uid"]
         e.st_gid = a["gid"]
         e.st_rdev = a["rdev"]
-        size = a["size"]
-        fhs = self.writers.get(ino)
-        if fhs:  # unflushed writes here are newer than the MDS's size
-            size = max((self.files[fh].size for fh in fhs), default=size)
+        size = self._local_size(ino, a["size"])
         e.st_size = size
         e.st_blksize = 1 << 20
         e.st_blocks = (size + 511) // 512
@@ -229,6 +227,8 @@ class Filesystem(pyfuse3.Operations):
                 upd["mode"] = a["mode"] & ~(stat.S_ISUID | stat.S_ISGID)
         upd.setdefault("ctime_ns", now)
         a = await self.mds.call("setattr", ino=inode, fields=upd)
+        if inode in self.seen_version:
+            self.seen_version[inode] = a["dv"]
         return self._entry(a)
 
     async def _truncate(self, ino: int, size: int, fh=None):
@@ -351,7 +351,8 @@ class Filesystem(pyfuse3.Operations):
         if not stat.S_ISREG(st["mode"]):
             await self.mds.call("close", handle=st["handle"])
             raise pyfuse3.FUSEError(errno.EINVAL)
-        of = OpenFile(ino, st["handle"], st, Layout.from_dict(st["layout"]), st["size"], writable)
+        of = OpenFile(ino, st["handle"], st, Layout.from_dict(st["layout"]),
+                      self._local_size(ino, st["size"]), writable)
         try:
             for idx in sorted(set(of.layout.osts)):
                 ost = await self.ost(idx)
@@ -376,6 +377,13 @@ class Filesystem(pyfuse3.Operations):
                 os.close(fd)
         of.fds.clear()
 
+    def _local_size(self, ino: int, size: int) -> int:
+        """Unflushed writes through this client are newer than the MDS's size."""
+        fhs = self.writers.get(ino)
+        if fhs:
+            size = max([size] + [self.files[fh].size for fh in fhs])
+        return size
+
     def _register(self, of: OpenFile) -> int:
         fh = next(self._fh)
         self.files[fh] = of
@@ -396,8 +404,13 @@ class Filesystem(pyfuse3.Operations):
             a = await self.mds.call("setattr", ino=inode, fields={"size": 0})
             of.st["size"] = a["size"]
         fh = self._register(of)
-        # close-to-open: a file changed by another client must not be served from old pages
-        keep = True
+        # close-to-open: pages cached from an older version of the file must go
+        prev = self.seen_version.get(inode)
+        keep = prev is None or prev == of.st["dv"]
+        self.seen_version[inode] = of.st["dv"]
+        if not keep:
+            self.counters.add("stale_cache_drops")
+            await trio.to_thread.run_sync(invalidate_attrs, inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @fuse_errors
@@ -538,7 +551,7 @@ class Filesystem(pyfuse3.Operations):
         a = await self.mds.call("written", ino=of.ino, size=of.size, chunks=sorted(of.written),
                                 mtime_ns=time.time_ns())
         of.st["hsm"] = hsm.after_write(of.st["hsm"])
-        del a
+        self.seen_version[of.ino] = a["dv"]
 
     @fuse_errors
     async def flush(self, fh):
@@ -675,6 +688,9 @@ class Filesystem(pyfuse3.Operations):
             uid = ctx.uid
         await self.mds.call("hsm_request", action=action, inos=inos, uid=uid,
                             archive_id=archive_id)
+        if action == "release":  # the next read must fetch again, not hit old pages
+            for ino in inos:
+                await trio.to_thread.run_sync(invalidate_data, ino)
 
     async def _ctl_set(self, name: bytes, value: bytes, ctx):
         try:
@@ -722,6 +738,20 @@ class Filesystem(pyfuse3.Operations):
         return
 
     def stacktrace(self):
+        pass
+
+
+def invalidate_attrs(ino: int):
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError:
+        pass  # the kernel does not know the inode: nothing cached
+
+
+def invalidate_data(ino: int):
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError:
         pass
 
 
@@ -785,6 +815,3 @@ async def serve(fs: Filesystem, mountpoint: str, options: set, notify=None):
     finally:
         pyfuse3.close(unmount=True)
 
-
-def format_fid_of(ino: int) -> str:
-    return format_fid(ino)

@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS hsm_requests (
 CREATE INDEX IF NOT EXISTS hsm_requests_state ON hsm_requests(state, ino);
 """
 
-ATTR_COLS = "ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev"
+ATTR_COLS = "ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, data_version"
 
 
 def now_ns() -> int:
@@ -111,9 +111,9 @@ def bitmap_has(bits: bytes | None, s: int) -> bool:
 
 
 def attr_of(row) -> dict:
-    ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev = row[:10]
+    ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, dv = row[:11]
     return {"ino": ino, "mode": mode, "uid": uid, "gid": gid, "nlink": nlink, "size": size,
-            "atime_ns": atime, "mtime_ns": mtime, "ctime_ns": ctime, "rdev": rdev}
+            "atime_ns": atime, "mtime_ns": mtime, "ctime_ns": ctime, "rdev": rdev, "dv": dv}
 
 
 def check_name(name: bytes):
@@ -459,6 +459,9 @@ class Namespace:
             sets.setdefault("ctime_ns", now_ns())
             if "size" in sets and sets["size"] != row[2]:
                 sets["hsm"] = hsm.after_write(row[1])
+                # the S3 copy stays valid only for the bytes that survive the cut
+                db.execute("UPDATE inodes SET s3_size=min(s3_size, ?) WHERE ino=? AND "
+                           "s3_size IS NOT NULL", (sets["size"], ino))
                 sets.setdefault("mtime_ns", sets["ctime_ns"])
                 db.execute("UPDATE inodes SET data_version=data_version+1 WHERE ino=?", (ino,))
             db.execute(f"UPDATE inodes SET {', '.join(k + '=?' for k in sets)} WHERE ino=?",
@@ -468,10 +471,11 @@ class Namespace:
     def file_state(self, ino: int) -> dict:
         """Everything a client needs to open a regular file."""
         row = self._row(ino, ATTR_COLS + ", hsm, archive_id, layout, s3_key, etag, s3_size, "
-                        "present, data_version")
+                        "present")
         a = attr_of(row)
+        a["data_version"] = a["dv"]
         (a["hsm"], a["archive_id"], lay, a["s3_key"], a["etag"], a["s3_size"],
-         a["present"], a["data_version"]) = row[10:]
+         a["present"]) = row[11:]
         a["layout"] = json.loads(lay) if lay else None
         return a
 
