@@ -106,6 +106,12 @@ def _progress_printer():
 @click.option("--no-posix-metadata", is_flag=True,
               help="Skip the HEAD per object that reads FSx POSIX metadata headers.")
 @click.option("--no-import", is_flag=True, help="Do not sweep the bucket on this start.")
+@click.option("--auto-export", metavar="EVENTS", help="Export to S3 on new,changed,deleted "
+              "(FSx auto-export policy; 'none' turns it off).")
+@click.option("--auto-import", metavar="EVENTS", help="Sweep S3 periodically for "
+              "new,changed,deleted objects (FSx auto-import policy).")
+@click.option("--auto-import-interval", type=click.FloatRange(1), metavar="SECONDS",
+              help="Seconds between auto-import sweeps.  [default: 60]")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd and debugging).")
 @click.option("--attr-timeout", type=float, default=10.0, show_default=True,
               help="Seconds the kernel may cache names and attributes.")
@@ -113,7 +119,8 @@ def _progress_printer():
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_file_chunk_size,
-       no_posix_metadata, no_import, foreground, attr_timeout, options, log_level):
+       no_posix_metadata, no_import, auto_export, auto_import, auto_import_interval, foreground,
+       attr_timeout, options, log_level):
     """Create or reopen a filesystem over S3 and mount it.
 
     SOURCE is s3://BUCKET[/PREFIX]. The first run creates DATA_DIR (MDS database,
@@ -129,6 +136,13 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
         fail(str(e), 2)
     if stripe_size % (64 * 1024):
         fail("--stripe-size must be a multiple of 64K", 2)
+    from .repository import parse_policy
+
+    for flag, value in (("--auto-export", auto_export), ("--auto-import", auto_import)):
+        try:
+            parse_policy(value)
+        except ValueError as e:
+            fail(f"{flag}: {e}", 2)
     mountpoint = os.path.abspath(mountpoint)
     data_dir = os.path.abspath(data_dir or default_data_dir(bucket))
     state = services.supervisor_alive(data_dir)
@@ -145,7 +159,8 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
     _check_mountpoint(mountpoint)
     config = {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
               "stripe_size": stripe_size, "imported_file_chunk_size": imported_file_chunk_size,
-              "fsname": "lustrefuse"}
+              "fsname": "lustrefuse", "auto_export": auto_export, "auto_import": auto_import,
+              "auto_import_interval": auto_import_interval}
     check_repository(config)
     config = load_or_init_config(data_dir, config)
     args = {"posix_metadata": not no_posix_metadata, "import": not no_import,
@@ -350,6 +365,247 @@ def stats(mountpoint, as_json):
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value:>14,}")
+
+
+def _files_under(paths, recursive: bool):
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            if not recursive:
+                fail(f"{p} is a directory (use -r)", 2)
+            for root, _dirs, files in os.walk(p):
+                for name in files:
+                    full = os.path.join(root, name)
+                    if os.path.isfile(full) and not os.path.islink(full):
+                        yield full
+        elif os.path.isfile(p):
+            yield p
+        else:
+            fail(f"{p}: no such regular file or directory", 2)
+
+
+def _info(path: str) -> dict:
+    return json.loads(os.getxattr(path, "lustrefuse.info", follow_symlinks=False))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-r", "--recursive", is_flag=True, help="Restore every file under directories.")
+@click.option("--wait", is_flag=True, help="Wait until every file is local, with progress.")
+def restore(paths, recursive, wait):
+    """Bring files back from S3 ahead of use (lfs hsm_restore, batched and watchable)."""
+    files = list(_files_under(paths, recursive))
+    if not files:
+        click.echo("nothing to restore")
+        return
+    ctl = _ctl(files[0])
+    by_ino = {}
+    for f in files:
+        st = os.stat(f)
+        by_ino[st.st_ino] = (f, st.st_size)
+    inos = list(by_ino)
+    for i in range(0, len(inos), 1000):
+        batch = inos[i:i + 1000]
+        try:
+            os.setxattr(ctl, "lustrefuse.request",
+                        json.dumps({"action": "restore", "inos": batch}).encode())
+        except OSError as e:
+            fail(f"restore of {by_ino[batch[0]][0]} (batch of {len(batch)}) refused: "
+                 f"{e.strerror}")
+    total = sum(size for _f, size in by_ino.values())
+    click.echo(f"restore queued for {len(files)} files ({total:,} bytes)", err=True)
+    if not wait:
+        return
+    start = time.monotonic()
+    pending = set(inos)
+    with click.progressbar(length=total, label="restoring", show_eta=True, show_percent=True,
+                           file=sys.stderr, item_show_func=lambda _: (
+                               f"{len(inos) - len(pending)}/{len(inos)} files")) as bar:
+        done_bytes = 0
+        while pending:
+            active = {r["ino"] for r in json.loads(os.getxattr(ctl, "lustrefuse.hsm_list"))
+                      if r["state"] in ("WAITING", "STARTED")}
+            finished = [i for i in pending if i not in active]
+            failed = []
+            for i in finished:
+                info = _info(by_ino[i][0])
+                if info["hsm"]["flags"] & 0x4 and not info["hsm"]["flags"] & 0x40:
+                    if info["action"]["action"] == "NOOP" and info["present"] < info["chunks"]:
+                        failed.append(i)
+                        continue
+                pending.discard(i)
+                done_bytes += by_ino[i][1]
+                bar.update(by_ino[i][1], i)
+            if failed and not active:
+                for i in failed:
+                    click.echo(f"lustrefuse: restore of {by_ino[i][0]} failed (see the OST logs)",
+                               err=True)
+                sys.exit(1)
+            if pending:
+                time.sleep(0.2)
+    secs = time.monotonic() - start
+    click.echo(f"restored {len(files)} files, {total:,} bytes in {secs:.1f}s "
+               f"({total / secs / 1e6 if secs else 0:,.0f} MB/s)", err=True)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True)
+def status(paths, as_json):
+    """How much of a file or tree is local, stripe by stripe, and what is queued."""
+    from .hsm import state_words
+
+    rows = []
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            agg = {"path": p, "files": 0, "bytes": 0, "local_bytes": 0, "released": 0,
+                   "dirty": 0, "queued": 0, "by_ost": {}}
+            for f in _files_under([p], True):
+                info = _info(f)
+                agg["files"] += 1
+                agg["bytes"] += info["size"]
+                agg["local_bytes"] += info.get("present_bytes", 0)
+                agg["released"] += bool(info["hsm"]["flags"] & 0x4)
+                agg["dirty"] += bool(info["hsm"]["flags"] & 0x2)
+                agg["queued"] += info["action"]["action"] != "NOOP"
+                for o, n in info.get("present_by_ost", {}).items():
+                    agg["by_ost"][o] = agg["by_ost"].get(o, 0) + n
+            rows.append(agg)
+            if not as_json:
+                pct = 100 * agg["local_bytes"] / agg["bytes"] if agg["bytes"] else 100
+                click.echo(f"{p}: {agg['files']} files, {agg['bytes']:,} bytes, "
+                           f"{agg['local_bytes']:,} local ({pct:.1f}%), {agg['released']} "
+                           f"released, {agg['dirty']} dirty, {agg['queued']} queued; local "
+                           f"stripes by OST: " + ", ".join(
+                               f"OST{o}={n}" for o, n in sorted(agg["by_ost"].items())))
+            continue
+        info = _info(p)
+        info["path"] = p
+        rows.append(info)
+        if as_json:
+            continue
+        words = " ".join(state_words(info["hsm"]["flags"])) or "new"
+        lay = info.get("layout")
+        if not lay:
+            click.echo(f"{p}: {info['type']}, {words}")
+            continue
+        pct = 100 * info["present_bytes"] / info["size"] if info["size"] else 100
+        act = info["action"]
+        queued = act["action"] if act["action"] == "NOOP" else (
+            f"{act['action']} {act.get('state', '')}")
+        click.echo(f"{p}: {info['size']:,} bytes, {info['present_bytes']:,} local ({pct:.1f}%), "
+                   f"{info['present']}/{info['chunks']} stripes; state: {words}; action: {queued}")
+        for o in lay["osts"]:
+            total = sum(1 for s in range(info["chunks"]) if lay["osts"][s % len(lay["osts"])] == o)
+            click.echo(f"  OST{o}: {info['present_by_ost'].get(str(o), 0)}/{total} stripes local")
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+
+
+def _mds_client(mountpoint: str, mds_address: str | None):
+    from . import rpc
+
+    if mds_address:
+        return rpc.Client(mds_address)
+    dd = services.mount_data_dir(mountpoint)
+    if dd is None:
+        fail(f"{mountpoint} is not a lustrefuse mount (or give --mds ADDRESS)")
+    return rpc.Client(f"unix:{os.path.join(dd, 'mds.sock')}")
+
+
+@main.group()
+def task():
+    """FSx data-repository tasks: import, export and release, with CSV reports."""
+
+
+def _print_task(t: dict):
+    click.echo(f"task {t['id']} {t['type']} {t['state']}: {t['total']} files, "
+               f"{t['succeeded']} succeeded, {t['failed']} failed"
+               + (f", {t['released_bytes']:,} bytes released" if t["type"] == "release" else "")
+               + (f"; report {t['report']}" if t.get("report") else ""))
+
+
+def _task_command(kind: str):
+    @click.argument("mountpoint", type=click.Path(exists=True))
+    @click.argument("paths", nargs=-1)
+    @click.option("--older-than", type=float, help="release: only files not used for DAYS.")
+    @click.option("--wait/--no-wait", default=True, show_default=True)
+    @click.option("--mds", "mds_address", help="MDS address (default: from the mount).")
+    def cmd(mountpoint, paths, older_than, wait, mds_address):
+        mp = os.path.abspath(mountpoint)
+        rel = []
+        for p in paths:
+            full = os.path.abspath(os.path.join(mp, p) if not os.path.isabs(p) else p)
+            if not (full + "/").startswith(mp + "/"):
+                fail(f"{p} is not under {mp}", 2)
+            rel.append(os.path.relpath(full, mp) if full != mp else "")
+        c = _mds_client(mp, mds_address)
+        from .protocol import RpcError
+
+        try:
+            t = c.call("task_start", kind=kind, paths=rel, older_than_days=older_than)
+        except RpcError as e:
+            fail(f"task {kind}: {e.strerror}")
+        click.echo(f"task {t['id']} ({kind}) started", err=True)
+        while wait and t["state"] in ("PENDING", "EXECUTING", "CANCELING"):
+            time.sleep(0.2)
+            t = next(x for x in c.call("task_list") if x["id"] == t["id"])
+        _print_task(t)
+        if t["state"] == "FAILED":
+            sys.exit(1)
+
+    cmd.__doc__ = {"import": "Import what changed in S3 since the last import.",
+                   "export": "Export new and changed files, directories and symlinks to S3.",
+                   "release": "Release exported files (optionally not used for DAYS)."}[kind]
+    return cmd
+
+
+for _kind in ("import", "export", "release"):
+    task.command(_kind)(_task_command(_kind))
+
+
+@task.command("list")
+@click.argument("mountpoint", type=click.Path(exists=True))
+@click.option("--mds", "mds_address")
+def task_list(mountpoint, mds_address):
+    """Tasks of this MDS run, with their states."""
+    for t in _mds_client(mountpoint, mds_address).call("task_list"):
+        _print_task(t)
+
+
+@task.command("cancel")
+@click.argument("mountpoint", type=click.Path(exists=True))
+@click.argument("task_id", type=int)
+@click.option("--mds", "mds_address")
+def task_cancel(mountpoint, task_id, mds_address):
+    """Cancel a running task."""
+    from .protocol import RpcError
+
+    try:
+        _print_task(_mds_client(mountpoint, mds_address).call("task_cancel", id=task_id))
+    except RpcError as e:
+        fail(e.strerror)
+
+
+@main.group()
+def hsm():
+    """The HSM coordinator's queue."""
+
+
+@hsm.command("list")
+@click.argument("mountpoint", type=click.Path(exists=True))
+@click.option("--all", "show_all", is_flag=True, help="Include finished requests (kept 1 h).")
+def hsm_list(mountpoint, show_all):
+    """Requests like Lustre's hsm.actions: id, FID, action, state, bytes, error."""
+    from .layout import format_fid
+
+    ctl = _ctl(mountpoint)
+    rows = json.loads(os.getxattr(ctl, "lustrefuse.hsm_list"))
+    for r in rows:
+        if not show_all and r["state"] not in ("WAITING", "STARTED"):
+            continue
+        click.echo(f"id={r['id']} fid={format_fid(r['ino'])} action={r['action']} "
+                   f"status={r['state']} bytes={r['bytes']}"
+                   + (f" error={r['error']!r}" if r.get("error") else ""))
 
 
 def _lfs_main(args):

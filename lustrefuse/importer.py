@@ -55,7 +55,8 @@ def _ns_of(dt) -> int:
 
 class Importer:
     def __init__(self, ns: Namespace, repo: Repository, prefix: str, chunk_size: int,
-                 stripe_size: int, posix_metadata: bool = True, on_changed=None):
+                 stripe_size: int, posix_metadata: bool = True, on_changed=None,
+                 events: frozenset = frozenset({"new", "changed", "deleted"})):
         self.ns = ns
         self.repo = repo
         self.prefix = prefix
@@ -63,6 +64,7 @@ class Importer:
         self.stripe_size = stripe_size
         self.posix_metadata = posix_metadata
         self.on_changed = on_changed  # callback(ino) when an object's data changed in S3
+        self.events = events  # which FSx import events apply (auto-import policy)
         self.status = ImportStatus()
         self._cancel = threading.Event()
         self._dirs: dict[tuple, int] = {(): ROOT}
@@ -91,7 +93,7 @@ class Importer:
                     st.listed += len(page)
                     heads = self._heads(pool, page)
                     self._commit_page(page, heads, gen)
-            if deletions:
+            if deletions and "deleted" in self.events:
                 self._sweep_deleted(gen)
             self.ns.meta_set("import_cursor", None)
             with self.ns.tx() as db:
@@ -232,6 +234,8 @@ class Importer:
                          "JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
                          (parent, name)).fetchone()
         if row is None:
+            if "new" not in self.events:
+                return "unchanged"
             lay = self._layout_for(size)
             cur = db.execute(
                 "INSERT INTO inodes(mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, "
@@ -246,9 +250,11 @@ class Importer:
         ino, old_mode, old_etag, old_size, flags = row
         if not stat.S_ISREG(old_mode):
             return None
-        if old_etag == etag and old_size == size:
+        if old_etag == etag and old_size == size or "changed" not in self.events:
             db.execute("UPDATE inodes SET import_gen=? WHERE ino=?", (gen, ino))
             return "unchanged"
+        if flags & hsm.EXISTS and not old_etag:
+            return "unchanged"  # our own export in flight: not a change made in S3
         # S3 wins conflicts (FSx): the local copy becomes a released stub of the new object.
         lay = self._layout_for(size)
         sets = {"size": size, "etag": etag, "s3_size": size, "s3_key": key, "import_gen": gen,

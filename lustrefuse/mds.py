@@ -24,6 +24,7 @@ from .importer import Importer
 from .layout import Layout, LayoutError, StripeSpec, format_fid, parse_fid
 from .namespace import ROOT, Namespace, bitmap_has
 from .protocol import RpcError
+from .repository import DataRepository
 from .s3 import Repository, S3Error
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class Mds:
         self.import_thread: threading.Thread | None = None
         self.bg = ThreadPoolExecutor(4, thread_name_prefix="mds-bg")
         self.coordinator = Coordinator(self)
+        self.datarepo = DataRepository(self)
         self.counters = {"ops": 0}
+        self._auto_import = threading.Event()
 
     # -- OSTs --------------------------------------------------------------
 
@@ -197,10 +200,28 @@ class Mds:
         return self.ns.create(parent, name, mode, uid, gid, rdev)
 
     def h_mkdir(self, peer, parent: int, name: bytes, mode: int, uid: int, gid: int):
-        return self.ns.mkdir(parent, name, mode, uid, gid)
+        a = self.ns.mkdir(parent, name, mode, uid, gid)
+        self.datarepo.on_created(a["ino"])
+        return a
 
     def h_symlink(self, peer, parent: int, name: bytes, target: bytes, uid: int, gid: int):
-        return self.ns.symlink(parent, name, target, uid, gid)
+        a = self.ns.symlink(parent, name, target, uid, gid)
+        self.datarepo.on_created(a["ino"])
+        return a
+
+    def _exported_key(self, parent: int, name: bytes) -> str | None:
+        """The object key of an entry that has been exported (to delete it with it)."""
+        ino = self.ns._child(parent, name)
+        if ino is None:
+            return None
+        st = self.ns.file_state(ino)
+        if stat.S_ISDIR(st["mode"]):
+            return self.datarepo.key_of(ino, True)
+        if stat.S_ISLNK(st["mode"]):
+            return self.datarepo.key_of(ino)
+        if st["s3_key"] and st["nlink"] <= 1:
+            return st["s3_key"]
+        return None
 
     def h_link(self, peer, ino: int, parent: int, name: bytes):
         return self.ns.link(ino, parent, name)
@@ -210,18 +231,33 @@ class Mds:
             self._destroy(ino)
 
     def h_unlink(self, peer, parent: int, name: bytes):
+        key = self._exported_key(parent, name) if self.datarepo.export_policy else None
         ino = self.ns.unlink(parent, name)
+        self.datarepo.on_removed(key)
         self._maybe_destroy(ino)
         return ino
 
     def h_rmdir(self, peer, parent: int, name: bytes):
+        key = self._exported_key(parent, name) if self.datarepo.export_policy else None
         ino = self.ns.rmdir(parent, name)
+        self.datarepo.on_removed(key)
         self.ns.destroy(ino)
         return ino
 
     def h_rename(self, peer, parent: int, name: bytes, newparent: int, newname: bytes,
                  flags: int = 0):
+        policy = self.datarepo.export_policy
+        moved = self.ns._child(parent, name)
+        old_key = None
+        if policy and moved is not None:
+            st = self.ns.file_state(moved)
+            old_key = st["s3_key"] or self.datarepo.key_of(moved, stat.S_ISDIR(st["mode"]))
+        replaced_key = self._exported_key(newparent, newname) if policy else None
         old = self.ns.rename(parent, name, newparent, newname, flags)
+        if policy and moved is not None:
+            if replaced_key and replaced_key != old_key:
+                self.datarepo.on_removed(replaced_key)
+            self.datarepo.on_renamed(moved, old_key)
         if old is not None:
             (mode,) = self.ns._row(old, "mode")
             if stat.S_ISDIR(mode):
@@ -231,11 +267,29 @@ class Mds:
         return old
 
     def h_setattr(self, peer, ino: int, fields: dict):
-        return self.ns.setattr(ino, fields)
+        a = self.ns.setattr(ino, fields)
+        if "size" in fields:
+            self.datarepo.on_closed_after_write(ino)
+        elif set(fields) & {"mode", "uid", "gid", "mtime_ns", "atime_ns"}:
+            self.datarepo.on_metadata_changed(ino)
+        return a
 
     def h_written(self, peer, ino: int, size: int, chunks: list, mtime_ns: int | None = None):
         self.ns.note_written(ino, size, [int(s) for s in chunks], mtime_ns)
+        self.datarepo.on_closed_after_write(ino)
         return self.ns.getattr(ino)
+
+    # -- data repository tasks ---------------------------------------------
+
+    def h_task_start(self, peer, kind: str, paths: list | None = None,
+                     older_than_days: float | None = None):
+        return self.datarepo.start_task(kind, list(paths or []), older_than_days)
+
+    def h_task_list(self, peer):
+        return self.datarepo.list_tasks()
+
+    def h_task_cancel(self, peer, id: int):
+        return self.datarepo.cancel_task(int(id))
 
     def h_getxattr(self, peer, ino: int, name: bytes):
         return self.ns.getxattr(ino, name)
@@ -408,6 +462,26 @@ class Mds:
             self.import_thread.start()
         return self.importer.status.as_dict()
 
+    def auto_import_loop(self):
+        """FSx auto-import: a periodic incremental sweep of the bucket with the policy's events."""
+        from .repository import parse_policy
+
+        events = parse_policy(self.config.get("auto_import"))
+        interval = float(self.config.get("auto_import_interval") or 60)
+        if not events or self.repo is None:
+            return
+        log.info("auto-import every %.0fs for %s", interval, ",".join(sorted(events)))
+        while not self._auto_import.wait(interval):
+            with self.lock:
+                busy = self.import_thread and self.import_thread.is_alive()
+            if busy:
+                continue
+            imp = Importer(self.ns, self.repo, self.prefix, self.config["imported_file_chunk_size"],
+                           self.config["stripe_size"], True, self.on_object_changed, events)
+            with self.lock:
+                self.importer = imp
+            imp.run(deletions="deleted" in events)
+
     def h_import_status(self, peer):
         if self.importer is None:
             return {"state": "idle"}
@@ -430,6 +504,7 @@ class Mds:
         self.coordinator.recover()
 
     def close(self):
+        self._auto_import.set()
         self.coordinator.stop()
         self.bg.shutdown(wait=False)
 
@@ -457,8 +532,8 @@ def load_or_init_config(data_dir: str, given: dict) -> dict:
             if given.get(k) is not None and given[k] != saved.get(k):
                 raise SystemExit(f"{data_dir} was created with {k}={saved.get(k)!r}, "
                                  f"not {given[k]!r}")
-        saved.update({k: v for k, v in given.items()
-                      if v is not None and k in ("endpoint_url", "secret_file")})
+        saved.update({k: v for k, v in given.items() if v is not None and k in (
+            "endpoint_url", "secret_file", "auto_export", "auto_import", "auto_import_interval")})
         return saved
     os.makedirs(data_dir, exist_ok=True)
     tmp = path + ".tmp"

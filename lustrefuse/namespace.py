@@ -575,9 +575,11 @@ class Namespace:
             row = self._row(ino, "hsm, data_version")
             if row[1] != data_version:
                 return False
+            # seen by the current import sweep, so the sweep does not take it for deleted
             db.execute(
                 "UPDATE inodes SET hsm=?, archive_id=?, s3_key=?, etag=?, s3_size=?, "
-                "arch_version=? WHERE ino=?",
+                "arch_version=?, import_gen=coalesce((SELECT CAST(value AS INTEGER) FROM meta "
+                "WHERE key='import_gen'), 0) WHERE ino=?",
                 (hsm.after_archive(row[0]), hsm.DEFAULT_ARCHIVE_ID, key, etag, size,
                  data_version, ino))
             return True

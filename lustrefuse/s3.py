@@ -176,6 +176,13 @@ class Repository:
         self._count(bytes_out=len(body))
         return resp["ETag"]
 
+    def copy_object(self, src: str, dst: str, metadata: dict | None = None) -> str:
+        """Server-side copy (also used to rewrite an object's metadata in place)."""
+        resp = self._retry(f"copy {src} -> {dst}", lambda: self.client.copy_object(
+            Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src},
+            Metadata=metadata or {}, MetadataDirective="REPLACE"))
+        return resp["CopyObjectResult"]["ETag"]
+
     def delete_object(self, key: str):
         self._retry(f"delete {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 

@@ -72,6 +72,7 @@ def run_mds(data_dir: str, listen: str | None, secret: bytes | None):
     server = rpc.Server(address, mds.handlers(), secret, on_disconnect=mds.on_disconnect)
     mds.recover()
     server.start()
+    threading.Thread(target=mds.auto_import_loop, name="auto-import", daemon=True).start()
     log.info("MDS serving %s on %s", data_dir, server.address)
     sd_notify()
     stop = threading.Event()
