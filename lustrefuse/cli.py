@@ -112,6 +112,12 @@ def _progress_printer():
               "new,changed,deleted objects (FSx auto-import policy).")
 @click.option("--auto-import-interval", type=click.FloatRange(1), metavar="SECONDS",
               help="Seconds between auto-import sweeps.  [default: 60]")
+@click.option("--ost-capacity", default=None, callback=lambda c, p, v: size_option(v) if v else None,
+              help="Bytes each OST may hold (default: its whole disk).")
+@click.option("--low-watermark", type=click.FloatRange(0, 1), default=None,
+              help="Auto-release LRU files when an OST's free fraction falls under this.")
+@click.option("--high-watermark", type=click.FloatRange(0, 1), default=None,
+              help="...until its free fraction is back over this.")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd and debugging).")
 @click.option("--attr-timeout", type=float, default=10.0, show_default=True,
               help="Seconds the kernel may cache names and attributes.")
@@ -119,8 +125,8 @@ def _progress_printer():
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_file_chunk_size,
-       no_posix_metadata, no_import, auto_export, auto_import, auto_import_interval, foreground,
-       attr_timeout, options, log_level):
+       no_posix_metadata, no_import, auto_export, auto_import, auto_import_interval, ost_capacity,
+       low_watermark, high_watermark, foreground, attr_timeout, options, log_level):
     """Create or reopen a filesystem over S3 and mount it.
 
     SOURCE is s3://BUCKET[/PREFIX]. The first run creates DATA_DIR (MDS database,
@@ -160,7 +166,8 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
     config = {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
               "stripe_size": stripe_size, "imported_file_chunk_size": imported_file_chunk_size,
               "fsname": "lustrefuse", "auto_export": auto_export, "auto_import": auto_import,
-              "auto_import_interval": auto_import_interval}
+              "auto_import_interval": auto_import_interval, "capacity": ost_capacity,
+              "low_watermark": low_watermark, "high_watermark": high_watermark}
     check_repository(config)
     config = load_or_init_config(data_dir, config)
     args = {"posix_metadata": not no_posix_metadata, "import": not no_import,
@@ -303,13 +310,22 @@ def mds(data_dir, listen, secret_file, log_level, log_file):
 @click.option("--listen", help="unix:PATH or tcp:HOST:PORT (default unix:DIR/ost.sock)")
 @click.option("--secret-file", type=click.Path())
 @click.option("--endpoint-url", help="Override the S3 endpoint the MDS announces.")
+@click.option("--capacity", default="0", callback=lambda c, p, v: size_option(v),
+              help="Bytes this OST may hold (0: the whole disk).")
+@click.option("--low-watermark", type=click.FloatRange(0, 1), default=0.0,
+              help="Auto-release starts when free space falls under this fraction.")
+@click.option("--high-watermark", type=click.FloatRange(0, 1), default=0.0,
+              help="Auto-release stops when free space is back over this fraction.")
 @click.option("--log-level", default="info")
 @click.option("--log-file", type=click.Path())
-def ost(index, directory, mds_address, listen, secret_file, endpoint_url, log_level, log_file):
+def ost(index, directory, mds_address, listen, secret_file, endpoint_url, capacity,
+        low_watermark, high_watermark, log_level, log_file):
     """Run one object storage target over DIR."""
     services.setup_logging(log_level, log_file)
+    if high_watermark and high_watermark < low_watermark:
+        fail("--high-watermark must be at least --low-watermark", 2)
     services.run_ost(index, directory, mds_address, listen, read_secret(secret_file),
-                     endpoint_url)
+                     endpoint_url, capacity, low_watermark, high_watermark or low_watermark)
 
 
 @main.command()
@@ -328,6 +344,47 @@ def mount(mds_address, mountpoint, data_dir, secret_file, attr_timeout, options,
     opts = [o for group in options for o in group.split(",")]
     services.run_mount(mds_address, mountpoint, read_secret(secret_file), attr_timeout,
                        os.path.abspath(data_dir) if data_dir else None, opts)
+
+
+# -- checking (fsck, scrub) ----------------------------------------------------
+
+@main.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--repair", is_flag=True, help="Fix what can be fixed without losing data.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def fsck(data_dir, repair, as_json):
+    """Check the MDS and the OSTs of an offline filesystem against each other.
+
+    Exit 0: clean (or, with --repair, everything found was fixed); 1: problems
+    remain; 2: cannot run (e.g. the filesystem is up).
+    """
+    from . import fsck as fsck_module
+    from .scrub import EnvError
+
+    try:
+        sys.exit(fsck_module.run(data_dir, repair, as_json, echo=click.echo))
+    except EnvError as e:
+        fail(str(e), 2)
+
+
+@main.command()
+@click.argument("target", type=click.Path(exists=True, file_okay=False))
+@click.option("--ost", type=click.IntRange(0, 1023), help="Only this OST.")
+@click.option("--repair", is_flag=True, help="Drop bad chunks of clean archived files so they "
+              "are fetched again from S3 (the OSTs holding them must be stopped).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def scrub(target, ost, repair, as_json):
+    """Verify every local chunk against its checksum (safe while the filesystem runs).
+
+    TARGET is the data directory or the mount point. Exit 0: all chunks good;
+    1: bad chunks (not repaired); 2: cannot run.
+    """
+    from . import scrub as scrub_module
+
+    try:
+        sys.exit(scrub_module.run(target, ost, as_json, repair, echo=click.echo))
+    except scrub_module.EnvError as e:
+        fail(str(e), 2)
 
 
 # -- looking inside -----------------------------------------------------------

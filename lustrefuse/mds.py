@@ -432,6 +432,29 @@ class Mds:
         self.ns.mark_released(ino)
         return freed
 
+    def h_evict(self, peer, ost: int, inos: list, need: int):
+        """Auto-release for an OST short of space: archived, clean, releasable files only."""
+        released, freed = [], 0
+        for ino in inos:
+            if freed >= need:
+                break
+            try:
+                st = self.ns.file_state(int(ino))
+            except RpcError:
+                continue
+            flags = st["hsm"]
+            if not stat.S_ISREG(st["mode"]) or not st["s3_key"] or not flags & hsm.ARCHIVED \
+                    or flags & (hsm.DIRTY | hsm.NORELEASE | hsm.LOST) or self.is_open(st["ino"]):
+                continue
+            for idx in sorted(set(st["layout"]["osts"])):
+                n = self.ost(idx).call("punch", ino=st["ino"]) or 0
+                if idx == ost:
+                    freed += n
+            self.ns.mark_released(st["ino"])
+            released.append(st["ino"])
+            log.info("auto-released inode %d for OST %d", st["ino"], ost)
+        return {"released": released, "freed": freed}
+
     # -- import --------------------------------------------------------------
 
     def on_object_changed(self, ino: int):
@@ -533,7 +556,8 @@ def load_or_init_config(data_dir: str, given: dict) -> dict:
                 raise SystemExit(f"{data_dir} was created with {k}={saved.get(k)!r}, "
                                  f"not {given[k]!r}")
         saved.update({k: v for k, v in given.items() if v is not None and k in (
-            "endpoint_url", "secret_file", "auto_export", "auto_import", "auto_import_interval")})
+            "endpoint_url", "secret_file", "auto_export", "auto_import", "auto_import_interval",
+            "capacity", "low_watermark", "high_watermark")})
         return saved
     os.makedirs(data_dir, exist_ok=True)
     tmp = path + ".tmp"

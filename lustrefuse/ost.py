@@ -52,9 +52,10 @@ def checksum(data) -> int:
 class ObjectStore:
     """The OST directory: object files and the chunk table. No network here."""
 
-    def __init__(self, root: str, index: int):
+    def __init__(self, root: str, index: int, capacity: int = 0):
         self.root = root
         self.index = index
+        self.capacity = capacity  # 0: the filesystem's own size
         os.makedirs(os.path.join(root, "objects"), exist_ok=True)
         self.db = sqlite3.connect(os.path.join(root, "ost.db"), check_same_thread=False,
                                   isolation_level=None)
@@ -67,6 +68,8 @@ class ObjectStore:
             self.db.execute("INSERT INTO meta VALUES ('index', ?)", (str(index),))
         elif int(row[0]) != index:
             raise SystemExit(f"{root} holds OST {row[0]}, not OST {index}")
+        (self.used,) = self.db.execute("SELECT coalesce(sum(length), 0) FROM chunks").fetchone()
+        self.reserved = 0
 
     def path(self, ino: int) -> str:
         # Named by inode number only: object keys never reach the local filesystem.
@@ -96,17 +99,56 @@ class ObjectStore:
     def record(self, ino: int, entries: list[tuple[int, int, int]]):
         with self.lock:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?)",
-                                [(ino, s, n, x) for s, n, x in entries])
+            for s, n, x in entries:
+                old = self.db.execute("SELECT length FROM chunks WHERE ino=? AND s=?",
+                                      (ino, s)).fetchone()
+                self.used += n - (old[0] if old else 0)
+                self.db.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?)", (ino, s, n, x))
             self.db.execute("COMMIT")
 
     def forget(self, ino: int, chunks: list[int] | None = None):
         with self.lock:
             if chunks is None:
+                (n,) = self.db.execute("SELECT coalesce(sum(length), 0) FROM chunks WHERE ino=?",
+                                       (ino,)).fetchone()
                 self.db.execute("DELETE FROM chunks WHERE ino=?", (ino,))
+                self.used -= n
             else:
-                self.db.executemany("DELETE FROM chunks WHERE ino=? AND s=?",
-                                    [(ino, s) for s in chunks])
+                for s in chunks:
+                    row = self.db.execute("SELECT length FROM chunks WHERE ino=? AND s=?",
+                                          (ino, s)).fetchone()
+                    if row:
+                        self.used -= row[0]
+                        self.db.execute("DELETE FROM chunks WHERE ino=? AND s=?", (ino, s))
+
+    def free_bytes(self) -> int:
+        """Room left for chunks: the configured capacity or the disk, whichever is tighter."""
+        st = os.statvfs(self.root)
+        disk = st.f_bavail * st.f_frsize
+        with self.lock:
+            if self.capacity:
+                return min(self.capacity - self.used, disk) - self.reserved
+            return disk - self.reserved
+
+    def total_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return self.capacity or st.f_blocks * st.f_frsize
+
+    def reserve(self, n: int) -> bool:
+        """Claim room for a chunk before downloading it (released with ``unreserve``)."""
+        if self.free_bytes() < n:
+            return False
+        with self.lock:
+            self.reserved += n
+        return True
+
+    def unreserve(self, n: int):
+        with self.lock:
+            self.reserved -= n
+
+    def inos(self) -> list[int]:
+        with self.lock:
+            return [r[0] for r in self.db.execute("SELECT DISTINCT ino FROM chunks")]
 
     def punch(self, ino: int) -> int:
         """Drop an object's data, keep nothing. Returns bytes freed.
@@ -136,16 +178,27 @@ class ObjectStore:
 
     def statfs(self) -> dict:
         st = os.statvfs(self.root)
-        (objects,) = self.db.execute("SELECT count(DISTINCT ino) FROM chunks").fetchone()
+        with self.lock:
+            (objects,) = self.db.execute("SELECT count(DISTINCT ino) FROM chunks").fetchone()
+        if self.capacity:
+            free = max(0, self.free_bytes())
+            return {"index": self.index, "blocks": self.capacity, "bfree": free, "bavail": free,
+                    "files": st.f_files, "ffree": st.f_ffree, "objects": objects,
+                    "used": self.used}
         return {"index": self.index, "blocks": st.f_blocks * st.f_frsize,
                 "bfree": st.f_bfree * st.f_frsize, "bavail": st.f_bavail * st.f_frsize,
-                "files": st.f_files, "ffree": st.f_ffree, "objects": objects}
+                "files": st.f_files, "ffree": st.f_ffree, "objects": objects, "used": self.used}
 
 
 class OstService:
     def __init__(self, store: ObjectStore, mds: rpc.Client, repo: Repository | None,
-                 hydrate_threads: int = 16):
+                 hydrate_threads: int = 16, low_watermark: float = 0.0,
+                 high_watermark: float = 0.0):
         self.store = store
+        self.low = low_watermark  # auto-release starts when free space < low * total
+        self.high = high_watermark  # ... and stops once free space >= high * total
+        self.last_use: dict[int, float] = {}  # ino -> last time a client used it (LRU)
+        self.evict_lock = threading.Lock()
         self.mds = mds
         self.repo = repo
         self.pool = ThreadPoolExecutor(hydrate_threads, thread_name_prefix="hydrate")
@@ -154,9 +207,50 @@ class OstService:
         self.reports: queue.Queue = queue.Queue()
         self.counters = {"chunks_hydrated": 0, "bytes_hydrated": 0, "bytes_served": 0,
                          "fds_handed": 0, "bytes_written": 0, "verify_failures": 0,
-                         "refetched": 0, "hydrate_errors": 0, "single_flight_joins": 0}
+                         "refetched": 0, "hydrate_errors": 0, "single_flight_joins": 0,
+                         "auto_released_files": 0, "enospc": 0}
         self._stop = threading.Event()
         threading.Thread(target=self._reporter, name="reporter", daemon=True).start()
+        if self.low > 0:
+            threading.Thread(target=self._watermark_loop, name="auto-release",
+                             daemon=True).start()
+
+    # -- capacity ------------------------------------------------------------
+
+    def _touch(self, ino: int):
+        self.last_use[ino] = time.monotonic()
+
+    def make_room(self, need: int) -> int:
+        """Ask the MDS to release eligible files held here, least recently used first."""
+        with self.evict_lock:
+            have = self.store.free_bytes()
+            if have >= need:
+                return have
+            now = time.monotonic()
+            order = sorted(self.store.inos(), key=lambda i: self.last_use.get(i, 0.0))
+            for start in range(0, len(order), 64):
+                batch = order[start:start + 64]
+                try:
+                    res = self.mds.call("evict", ost=self.store.index, inos=batch,
+                                        need=need - have, timeout=120)
+                except (OSError, RpcError) as e:
+                    log.warning("auto-release: the MDS did not answer: %s", e)
+                    break
+                self.counters["auto_released_files"] += len(res.get("released", []))
+                for ino in res.get("released", []):
+                    self.last_use.pop(ino, None)
+                have = self.store.free_bytes()
+                if have >= need:
+                    break
+            log.info("auto-release on OST %d: %d bytes free after %.2fs", self.store.index,
+                     have, time.monotonic() - now)
+            return have
+
+    def _watermark_loop(self):
+        while not self._stop.wait(1.0):
+            total = self.store.total_bytes()
+            if self.store.free_bytes() < self.low * total:
+                self.make_room(int(self.high * total))
 
     def _count(self, name: str, n: int = 1):
         with self.sf_lock:
@@ -197,6 +291,21 @@ class OstService:
         obj_off = lay.chunk_object_offset(s)
         if self.repo is None:
             raise RpcError(errno.EIO, "this OST has no S3 repository")
+        if not self.store.reserve(length):
+            floor = int(self.high * self.store.total_bytes()) if self.high else 0
+            self.make_room(length + floor)
+            if not self.store.reserve(length):
+                self._count("enospc")
+                log.error("OST %d is full: no room for chunk %d of inode %d (%s); nothing "
+                          "eligible to release", self.store.index, s, ino, desc["s3_key"])
+                raise RpcError(errno.ENOSPC, f"OST {self.store.index} is full")
+        try:
+            return self._download(desc, lay, s, length, obj_off)
+        finally:
+            self.store.unreserve(length)
+
+    def _download(self, desc: dict, lay: Layout, s: int, length: int, obj_off: int):
+        ino = desc["ino"]
         try:
             data = self.repo.get_range(desc["s3_key"], s * lay.stripe_size, length, desc["etag"])
         except StaleObject:
@@ -266,6 +375,7 @@ class OstService:
 
     def h_open_object(self, peer, ino: int, create: bool = False):
         """Hand the object's descriptor to a same-host client, with its chunk table."""
+        self._touch(ino)
         table = self.store.table(ino)
         try:
             fd = self.store.open(ino, create)
@@ -278,6 +388,7 @@ class OstService:
         return self.store.table(ino)
 
     def h_hydrate(self, peer, desc: dict, chunks: list, wait: bool = True):
+        self._touch(desc["ino"])
         return self.hydrate(desc, [int(s) for s in chunks], wait)
 
     def h_read(self, peer, ino: int, offset: int, length: int):
@@ -327,6 +438,15 @@ class OstService:
         if row is None and desc.get("s3_key") and lay.chunk_length(s, desc.get("s3_size") or 0):
             row = self.hydrate(desc, [s])[s]
         old_len = row[0] if row else 0
+        growth = max(0, offset + len(data) - base - old_len)
+        if growth and self.store.capacity and not self.store.reserve(growth):
+            self.make_room(growth)
+            if not self.store.reserve(growth):
+                self._count("enospc")
+                raise RpcError(errno.ENOSPC, f"OST {self.store.index} is full")
+        if growth and self.store.capacity:
+            self.store.unreserve(growth)  # the record below accounts for it
+        self._touch(ino)
         fd = self.store.open(ino, True)
         try:
             os.pwrite(fd, data, offset)

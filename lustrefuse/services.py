@@ -84,15 +84,17 @@ def run_mds(data_dir: str, listen: str | None, secret: bytes | None):
 
 
 def run_ost(index: int, directory: str, mds_address: str, listen: str | None,
-            secret: bytes | None, endpoint_url: str | None = None):
+            secret: bytes | None, endpoint_url: str | None = None, capacity: int = 0,
+            low_watermark: float = 0.0, high_watermark: float = 0.0):
     from .ost import ObjectStore, OstService
     from .s3 import Repository
 
     os.makedirs(directory, exist_ok=True)
-    store = ObjectStore(directory, index)
+    store = ObjectStore(directory, index, capacity)
     mds = rpc.Client(mds_address, secret, timeout=30)
     address = listen or f"unix:{os.path.join(directory, 'ost.sock')}"
-    service = OstService(store, mds, None)
+    service = OstService(store, mds, None, low_watermark=low_watermark,
+                         high_watermark=high_watermark)
     server = rpc.Server(address, service.handlers(), secret)
     server.start()
     repo_cfg = None
@@ -250,8 +252,12 @@ class Supervisor:
 
     def start_ost(self, i: int):
         d = os.path.join(self.data_dir, f"ost{i}")
+        extra = []
+        for opt in ("capacity", "low_watermark", "high_watermark"):
+            if self.config.get(opt):
+                extra += ["--" + opt.replace("_", "-"), str(self.config[opt])]
         self._start(f"ost{i}", ["ost", "--index", str(i), "--dir", d, "--mds", self.mds_address,
-                                "--log-level", self.args.get("log_level", "info")])
+                                "--log-level", self.args.get("log_level", "info"), *extra])
         c = rpc.Client(self.mds_address, timeout=2)
         self._wait(f"ost{i}", lambda: str(i) in c.call("config")["osts"] and rpc.Client(
             f"unix:{os.path.join(d, 'ost.sock')}", timeout=2).call("ping") is not None)
