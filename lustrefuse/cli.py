@@ -30,8 +30,10 @@ def size_option(value):
         raise click.BadParameter(str(e)) from None
 
 
-def read_secret(path: str | None) -> bytes | None:
+def read_secret(path: str | None, listen: str | None = None) -> bytes | None:
     if not path:
+        if listen and listen.startswith("tcp:"):
+            fail("a TCP listener needs --secret-file (clients must prove they know it)", 2)
         return None
     try:
         with open(path, "rb") as f:
@@ -300,7 +302,7 @@ def mds(data_dir, listen, secret_file, log_level, log_file):
     services.setup_logging(log_level, log_file)
     if not os.path.exists(os.path.join(data_dir, "fs.json")):
         fail(f"{data_dir} holds no lustrefuse filesystem (fs.json missing)")
-    services.run_mds(data_dir, listen, read_secret(secret_file))
+    services.run_mds(data_dir, listen, read_secret(secret_file, listen))
 
 
 @main.command()
@@ -324,7 +326,7 @@ def ost(index, directory, mds_address, listen, secret_file, endpoint_url, capaci
     services.setup_logging(log_level, log_file)
     if high_watermark and high_watermark < low_watermark:
         fail("--high-watermark must be at least --low-watermark", 2)
-    services.run_ost(index, directory, mds_address, listen, read_secret(secret_file),
+    services.run_ost(index, directory, mds_address, listen, read_secret(secret_file, listen),
                      endpoint_url, capacity, low_watermark, high_watermark or low_watermark)
 
 

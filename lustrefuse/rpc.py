@@ -63,9 +63,19 @@ def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytes:
     return bytes(buf)
 
 
-def read_frame(sock: socket.socket, fds: list | None = None):
+FRAME_TIMEOUT = 30.0  # a frame, once begun, must arrive within this (idle pools may wait)
+
+
+def read_frame(sock: socket.socket, fds: list | None = None, server: bool = False):
     header = _recv_exact(sock, protocol.HEADER.size, fds)
     length = protocol.parse_header(header)
+    if server:
+        sock.settimeout(FRAME_TIMEOUT)
+        try:
+            body = _recv_exact(sock, length) if length else b""
+        finally:
+            sock.settimeout(None)
+        return protocol.decode(body)
     return protocol.decode(_recv_exact(sock, length) if length else b"")
 
 
@@ -145,12 +155,15 @@ class Server:
                 return
             while True:
                 try:
-                    msg = read_frame(sock)
+                    msg = read_frame(sock, server=True)
                 except (ConnectionError, OSError):
                     return
                 except ProtocolError as e:
                     log.warning("rejected a malformed frame: %s", e)
-                    sock.sendall(protocol.reply_err(errno.EPROTO, str(e)))
+                    try:
+                        sock.sendall(protocol.reply_err(errno.EPROTO, str(e)))
+                    except OSError:
+                        pass
                     return  # the stream position is unknown now
                 self._dispatch(sock, peer, msg)
         finally:

@@ -67,9 +67,12 @@ def run_mds(data_dir: str, listen: str | None, secret: bytes | None):
     with open(os.path.join(data_dir, "fs.json")) as f:
         config = json.load(f)
     config["secret"] = secret
-    mds = Mds(data_dir, config)
     address = listen or f"unix:{os.path.join(data_dir, 'mds.sock')}"
-    server = rpc.Server(address, mds.handlers(), secret, on_disconnect=mds.on_disconnect)
+    handlers: dict = {}
+    server = rpc.Server(address, handlers, secret)  # bad addresses fail before threads start
+    mds = Mds(data_dir, config)
+    handlers.update(mds.handlers())
+    server.on_disconnect = mds.on_disconnect
     mds.recover()
     server.start()
     threading.Thread(target=mds.auto_import_loop, name="auto-import", daemon=True).start()
