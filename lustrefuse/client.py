@@ -253,6 +253,7 @@ class Filesystem(pyfuse3.Operations):
         for f in self.files.values():
             if f.ino == ino:
                 f.size = size
+                f.st["s3_size"] = min(f.st["s3_size"] or 0, size)  # as the MDS clamps it
                 f.cache = (-1, b"")
                 f.verified.clear()
                 for t in f.tables.values():
@@ -400,6 +401,7 @@ class Filesystem(pyfuse3.Operations):
         if flags & os.O_TRUNC and of.size:
             await self._truncate(inode, 0)
             of.size = 0
+            of.st["s3_size"] = 0
             of.tables = {k: {} for k in of.tables}
             a = await self.mds.call("setattr", ino=inode, fields={"size": 0})
             of.st["size"] = a["size"]

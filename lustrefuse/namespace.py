@@ -251,7 +251,9 @@ class Namespace:
     def _next_layout(self, parent: int) -> Layout:
         spec = self.dir_spec(parent)
         lay = make_layout(spec, self.ost_count, self._rr, self.default_stripe_size)
-        self._rr = (self._rr + lay.stripe_count) % self.ost_count
+        # the next file starts after this one's last OST (full-width files still rotate)
+        step = lay.stripe_count + (1 if lay.stripe_count % self.ost_count == 0 else 0)
+        self._rr = (self._rr + step) % self.ost_count
         return lay
 
     def dir_spec(self, ino: int) -> StripeSpec:
@@ -570,10 +572,14 @@ class Namespace:
                        (json.dumps(spec.to_dict()) if spec else None, ino))
 
     def set_archived(self, ino: int, key: str, etag: str, size: int, data_version: int) -> bool:
-        """Record a finished archive. Returns False (file stays dirty) if it changed meanwhile."""
+        """Record a finished archive. Returns False if the file changed meanwhile: the
+        object is then an archive copy of an older version and the file stays dirty."""
         with self.tx() as db:
             row = self._row(ino, "hsm, data_version")
             if row[1] != data_version:
+                db.execute("UPDATE inodes SET hsm=?, archive_id=?, s3_key=?, etag=?, s3_size=? "
+                           "WHERE ino=?", (hsm.after_archive(row[0]) | hsm.DIRTY,
+                                           hsm.DEFAULT_ARCHIVE_ID, key, etag, size, ino))
                 return False
             # seen by the current import sweep, so the sweep does not take it for deleted
             db.execute(

@@ -253,17 +253,22 @@ class Supervisor:
         self._wait("mds", lambda: c.call("ping") is not None)
         c.close()
 
-    def start_ost(self, i: int):
-        d = os.path.join(self.data_dir, f"ost{i}")
-        extra = []
-        for opt in ("capacity", "low_watermark", "high_watermark"):
-            if self.config.get(opt):
-                extra += ["--" + opt.replace("_", "-"), str(self.config[opt])]
-        self._start(f"ost{i}", ["ost", "--index", str(i), "--dir", d, "--mds", self.mds_address,
-                                "--log-level", self.args.get("log_level", "info"), *extra])
+    def start_osts(self, indexes):
+        """Start OSTs together (each spends most of a second importing boto3), then wait."""
+        for i in indexes:
+            d = os.path.join(self.data_dir, f"ost{i}")
+            extra = []
+            for opt in ("capacity", "low_watermark", "high_watermark"):
+                if self.config.get(opt):
+                    extra += ["--" + opt.replace("_", "-"), str(self.config[opt])]
+            self._start(f"ost{i}", ["ost", "--index", str(i), "--dir", d, "--mds",
+                                    self.mds_address, "--log-level",
+                                    self.args.get("log_level", "info"), *extra])
         c = rpc.Client(self.mds_address, timeout=2)
-        self._wait(f"ost{i}", lambda: str(i) in c.call("config")["osts"] and rpc.Client(
-            f"unix:{os.path.join(d, 'ost.sock')}", timeout=2).call("ping") is not None)
+        for i in indexes:
+            sock = f"unix:{os.path.join(self.data_dir, f'ost{i}', 'ost.sock')}"
+            self._wait(f"ost{i}", lambda i=i, sock=sock: str(i) in c.call("config")["osts"]
+                       and rpc.Client(sock, timeout=2).call("ping") is not None)
         c.close()
 
     def start_mount(self):
@@ -291,13 +296,7 @@ class Supervisor:
 
     def bring_up(self, progress):
         self.start_mds()
-        for i in range(self.config["osts"]):
-            self.start_ost(i)
-        c = rpc.Client(self.mds_address, timeout=10)
-        imported = c.call("import_status")
-        last = c.call("config")
-        c.close()
-        del last, imported
+        self.start_osts(range(self.config["osts"]))
         if self.args.get("import", True):
             self.run_import(progress)
         self.start_mount()
@@ -348,10 +347,10 @@ class Supervisor:
         if self.procs["mds"].poll() is not None:
             log.info("restarting the MDS")
             self.start_mds()
-        for i in range(self.config["osts"]):
-            if self.procs[f"ost{i}"].poll() is not None:
-                log.info("restarting OST %d", i)
-                self.start_ost(i)
+        dead = [i for i in range(self.config["osts"]) if self.procs[f"ost{i}"].poll() is not None]
+        if dead:
+            log.info("restarting OSTs %s", dead)
+            self.start_osts(dead)
 
 
 def supervisor_alive(data_dir: str) -> dict | None:
