@@ -23,10 +23,9 @@ import pyfuse3
 import trio
 
 from . import hsm, rpc
+from .integrity import checksum
 from .layout import Layout, StripeSpec
-from .mds import CTL_NAME
-from .ost import checksum
-from .protocol import RpcError
+from .protocol import CTL_NAME, RpcError
 
 log = logging.getLogger(__name__)
 

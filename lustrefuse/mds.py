@@ -29,9 +29,6 @@ from .s3 import Repository, S3Error
 
 log = logging.getLogger(__name__)
 
-CTL_NAME = b".lustrefuse_ctl"
-
-
 class LockedError(SystemExit):
     pass
 

@@ -22,9 +22,8 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import xxhash
-
 from . import rpc
+from .integrity import checksum
 from .layout import Layout
 from .protocol import RpcError
 from .s3 import NoSuchObject, Repository, S3Error, StaleObject
@@ -41,12 +40,6 @@ CREATE TABLE IF NOT EXISTS chunks (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
-
-
-def checksum(data) -> int:
-    # SQLite integers are signed 64-bit
-    v = xxhash.xxh3_64_intdigest(data)
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 class ObjectStore:

@@ -13,6 +13,8 @@ import struct
 
 import msgpack
 
+CTL_NAME = b".lustrefuse_ctl"  # the hidden control file at a mount's root
+
 MAGIC = b"LF"
 VERSION = 1
 HEADER = struct.Struct(">2sBBI")

@@ -104,6 +104,10 @@ class Repository:
                     self._count(errors=1)
                     raise S3Error(code or status, f"{what}: {e}") from None
                 err = f"{code or status}"
+            except (botocore.exceptions.NoCredentialsError,
+                    botocore.exceptions.PartialCredentialsError) as e:
+                self._count(errors=1)
+                raise S3Error("S3AccessDenied", f"{what}: {e}") from None
             except (botocore.exceptions.BotoCoreError, ConnectionError, OSError,
                     _ShortBody) as e:
                 err = f"{type(e).__name__}: {e}"
@@ -117,7 +121,7 @@ class Repository:
     # -- namespace ---------------------------------------------------------
 
     def check_bucket(self):
-        self._retry(f"s3://{self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
+        self._retry("head bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def list_pages(self, prefix: str = "", start_after: str = ""):
         """Yield lists of ``{"Key", "Size", "ETag", "LastModified"}``, 1,000 at a time."""
