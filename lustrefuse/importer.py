@@ -234,6 +234,10 @@ class Importer:
                          "JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
                          (parent, name)).fetchone()
         if row is None:
+            # a file renamed in the mount still owns its object (archives follow the FID)
+            row = db.execute("SELECT ino, mode, etag, s3_size, hsm FROM inodes WHERE s3_key=? "
+                             "AND nlink>0 LIMIT 1", (key,)).fetchone()
+        if row is None:
             if "new" not in self.events:
                 return "unchanged"
             lay = self._layout_for(size)

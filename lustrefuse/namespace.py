@@ -24,7 +24,7 @@ ROOT = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inodes (
-    ino INTEGER PRIMARY KEY,
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a FID names one file forever
     mode INTEGER NOT NULL,
     uid INTEGER NOT NULL DEFAULT 0,
     gid INTEGER NOT NULL DEFAULT 0,
