@@ -30,6 +30,8 @@ from .s3 import NoSuchObject, Repository, S3Error, StaleObject
 
 log = logging.getLogger(__name__)
 
+GET_SPAN = 8 * 1024 * 1024  # the most one hydration GET fetches (adjacent chunks coalesce)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
     ino INTEGER NOT NULL,
@@ -277,11 +279,12 @@ class OstService:
 
     # -- hydration ---------------------------------------------------------
 
-    def _fetch(self, desc: dict, s: int) -> tuple[int, int, int]:
+    def _fetch(self, desc: dict, run: list[int]) -> dict[int, tuple[int, int]]:
+        """Fetch a run of chunks contiguous in the file and in this object with one GET."""
         ino = desc["ino"]
         lay = Layout.from_dict(desc["layout"])
-        length = lay.chunk_length(s, desc["s3_size"])
-        obj_off = lay.chunk_object_offset(s)
+        lengths = [lay.chunk_length(s, desc["s3_size"]) for s in run]
+        length = sum(lengths)
         if self.repo is None:
             raise RpcError(errno.EIO, "this OST has no S3 repository")
         if not self.store.reserve(length):
@@ -289,79 +292,100 @@ class OstService:
             self.make_room(length + floor)
             if not self.store.reserve(length):
                 self._count("enospc")
-                log.error("OST %d is full: no room for chunk %d of inode %d (%s); nothing "
-                          "eligible to release", self.store.index, s, ino, desc["s3_key"])
+                log.error("OST %d is full: no room for chunks %d-%d of inode %d (%s); nothing "
+                          "eligible to release", self.store.index, run[0], run[-1], ino,
+                          desc["s3_key"])
                 raise RpcError(errno.ENOSPC, f"OST {self.store.index} is full")
         try:
-            return self._download(desc, lay, s, length, obj_off)
+            data = self._download(desc, run[0] * lay.stripe_size, length, run)
+            fd = self.store.open(ino, create=True)
+            try:
+                os.pwrite(fd, data, lay.chunk_object_offset(run[0]))
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    log.error("OST %d is full: chunks of inode %d not stored",
+                              self.store.index, ino)
+                raise
+            finally:
+                os.close(fd)
         finally:
             self.store.unreserve(length)
+        entries, pos = [], 0
+        for s, n in zip(run, lengths, strict=True):
+            entries.append((s, n, checksum(memoryview(data)[pos:pos + n])))
+            pos += n
+        self.store.record(ino, entries)  # only now are the chunks present
+        self._count("chunks_hydrated", len(run))
+        self._count("bytes_hydrated", length)
+        for s in run:
+            self.reports.put((ino, s))
+        return {s: (n, x) for s, n, x in entries}
 
-    def _download(self, desc: dict, lay: Layout, s: int, length: int, obj_off: int):
-        ino = desc["ino"]
+    def _download(self, desc: dict, start: int, length: int, run: list[int]) -> bytes:
+        ino, key = desc["ino"], desc["s3_key"]
         try:
-            data = self.repo.get_range(desc["s3_key"], s * lay.stripe_size, length, desc["etag"])
+            return self.repo.get_range(key, start, length, desc["etag"])
         except StaleObject:
-            log.error("s3 key %r changed since import (ETag %s): chunk %d of inode %d not "
-                      "fetched", desc["s3_key"], desc["etag"], s, ino)
+            log.error("s3 key %r changed since import (ETag %s): chunks %d-%d of inode %d not "
+                      "fetched", key, desc["etag"], run[0], run[-1], ino)
             self._count("hydrate_errors")
-            raise RpcError(errno.ESTALE, f"{desc['s3_key']}: object changed since import") from None
+            raise RpcError(errno.ESTALE, f"{key}: object changed since import") from None
         except NoSuchObject:
-            log.error("s3 key %r is gone: chunk %d of inode %d not fetched",
-                      desc["s3_key"], s, ino)
+            log.error("s3 key %r is gone: chunks %d-%d of inode %d not fetched",
+                      key, run[0], run[-1], ino)
             self._count("hydrate_errors")
-            raise RpcError(errno.ESTALE, f"{desc['s3_key']}: object deleted") from None
+            raise RpcError(errno.ESTALE, f"{key}: object deleted") from None
         except S3Error as e:
-            log.error("fetching chunk %d of s3 key %r failed: %s", s, desc["s3_key"], e)
+            log.error("fetching chunks %d-%d of s3 key %r failed: %s", run[0], run[-1], key, e)
             self._count("hydrate_errors")
             raise RpcError(errno.EIO, str(e)) from None
-        fd = self.store.open(ino, create=True)
-        try:
-            os.pwrite(fd, data, obj_off)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                log.error("OST %d is full: chunk %d of inode %d not stored",
-                          self.store.index, s, ino)
-            raise
-        finally:
-            os.close(fd)
-        entry = (s, length, checksum(data))
-        self.store.record(ino, [entry])
-        self._count("chunks_hydrated")
-        self._count("bytes_hydrated", length)
-        self.reports.put((ino, s))
-        return entry
 
-    def _hydrate_one(self, desc: dict, s: int) -> tuple[int, int, int]:
-        key = (desc["ino"], s)
+    def _hydrate_run(self, desc: dict, run: list[int]) -> dict[int, tuple[int, int]]:
         try:
-            return self._fetch(desc, s)
+            return self._fetch(desc, run)
         finally:
             with self.sf_lock:
-                self.inflight.pop(key, None)
+                for s in run:
+                    self.inflight.pop((desc["ino"], s), None)
 
     def hydrate(self, desc: dict, chunks: list[int], wait: bool = True) -> dict:
-        """Make ``chunks`` present; returns ``{s: (length, xxh)}`` for them."""
+        """Make ``chunks`` present; returns ``{s: (length, xxh)}`` for them.
+
+        Missing chunks that follow each other in the file and in this object (a
+        one-stripe layout) are fetched together, up to GET_SPAN bytes per GET.
+        """
         ino = desc["ino"]
+        lay = Layout.from_dict(desc["layout"])
         have = self.store.table(ino)
-        futures = []
-        for s in chunks:
-            if s in have:
-                continue
-            with self.sf_lock:
+        futures: dict[int, Future] = {}
+        with self.sf_lock:
+            todo = []
+            for s in sorted(set(chunks)):
+                if s in have:
+                    continue
                 fut = self.inflight.get((ino, s))
-                if fut is None:
-                    fut = self.pool.submit(self._hydrate_one, desc, s)
-                    self.inflight[(ino, s)] = fut
-                else:
+                if fut is not None:
                     self.counters["single_flight_joins"] += 1
-            futures.append(fut)
+                    futures[s] = fut
+                else:
+                    todo.append(s)
+            per_get = max(1, GET_SPAN // lay.stripe_size) if lay.stripe_count == 1 else 1
+            runs: list[list[int]] = []
+            for s in todo:
+                if runs and s == runs[-1][-1] + 1 and len(runs[-1]) < per_get:
+                    runs[-1].append(s)
+                else:
+                    runs.append([s])
+            for run in runs:
+                fut = self.pool.submit(self._hydrate_run, desc, run)
+                for s in run:
+                    self.inflight[(ino, s)] = fut
+                    futures[s] = fut
         if not wait:
             return {}
         result = {s: have[s] for s in chunks if s in have}
-        for fut in futures:
-            s, n, x = fut.result()
-            result[s] = (n, x)
+        for s, fut in futures.items():
+            result[s] = fut.result()[s]
         return result
 
     # -- RPC handlers --------------------------------------------------------

@@ -118,7 +118,8 @@ class Server:
         if family == socket.AF_UNIX:
             if os.path.exists(where):
                 os.unlink(where)
-            base = socketserver.ThreadingUnixStreamServer
+            base = type("UnixServer", (socketserver.ThreadingUnixStreamServer,),
+                        {"request_queue_size": 256})
             old = os.umask(0o177)
             try:
                 self._srv = base(where, Handler)
@@ -126,8 +127,8 @@ class Server:
                 os.umask(old)
             os.chmod(where, mode)
         else:
-            base = socketserver.ThreadingTCPServer
-            base.allow_reuse_address = True
+            base = type("TcpServer", (socketserver.ThreadingTCPServer,),
+                        {"request_queue_size": 256, "allow_reuse_address": True})
             self._srv = base(where, Handler)
             if where[1] == 0:
                 self.address = f"tcp:{where[0]}:{self._srv.server_address[1]}"
