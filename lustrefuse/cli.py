@@ -124,11 +124,13 @@ def _progress_printer():
 @click.option("--attr-timeout", type=float, default=10.0, show_default=True,
               help="Seconds the kernel may cache names and attributes.")
 @click.option("-o", "options", multiple=True, help="Extra FUSE mount option.")
+@click.option("--metrics-port", type=click.IntRange(1, 65000), help="Prometheus metrics on "
+              "127.0.0.1: MDS at PORT, mount at PORT+1, OST i at PORT+2+i (opt-in).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_file_chunk_size,
        no_posix_metadata, no_import, auto_export, auto_import, auto_import_interval, ost_capacity,
-       low_watermark, high_watermark, foreground, attr_timeout, options, log_level):
+       low_watermark, high_watermark, foreground, attr_timeout, options, metrics_port, log_level):
     """Create or reopen a filesystem over S3 and mount it.
 
     SOURCE is s3://BUCKET[/PREFIX]. The first run creates DATA_DIR (MDS database,
@@ -173,7 +175,8 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
     check_repository(config)
     config = load_or_init_config(data_dir, config)
     args = {"posix_metadata": not no_posix_metadata, "import": not no_import,
-            "attr_timeout": attr_timeout, "options": list(options), "log_level": log_level}
+            "attr_timeout": attr_timeout, "options": list(options), "log_level": log_level,
+            "metrics_port": metrics_port}
     if foreground or os.environ.get("LUSTREFUSE_SUPERVISOR"):
         _run_supervisor(data_dir, mountpoint, config, args, source)
         return
@@ -295,14 +298,15 @@ def down(mountpoint, force, data_dir):
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--listen", help="unix:PATH or tcp:HOST:PORT (default unix:DATA_DIR/mds.sock)")
 @click.option("--secret-file", type=click.Path(), help="Shared secret for TCP listeners.")
+@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here (opt-in).")
 @click.option("--log-level", default="info")
 @click.option("--log-file", type=click.Path())
-def mds(data_dir, listen, secret_file, log_level, log_file):
+def mds(data_dir, listen, secret_file, metrics, log_level, log_file):
     """Run the metadata server for DATA_DIR (created by `up` or `mkfs`)."""
     services.setup_logging(log_level, log_file)
     if not os.path.exists(os.path.join(data_dir, "fs.json")):
         fail(f"{data_dir} holds no lustrefuse filesystem (fs.json missing)")
-    services.run_mds(data_dir, listen, read_secret(secret_file, listen))
+    services.run_mds(data_dir, listen, read_secret(secret_file, listen), metrics)
 
 
 @main.command()
@@ -318,16 +322,18 @@ def mds(data_dir, listen, secret_file, log_level, log_file):
               help="Auto-release starts when free space falls under this fraction.")
 @click.option("--high-watermark", type=click.FloatRange(0, 1), default=0.0,
               help="Auto-release stops when free space is back over this fraction.")
+@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here (opt-in).")
 @click.option("--log-level", default="info")
 @click.option("--log-file", type=click.Path())
 def ost(index, directory, mds_address, listen, secret_file, endpoint_url, capacity,
-        low_watermark, high_watermark, log_level, log_file):
+        low_watermark, high_watermark, metrics, log_level, log_file):
     """Run one object storage target over DIR."""
     services.setup_logging(log_level, log_file)
     if high_watermark and high_watermark < low_watermark:
         fail("--high-watermark must be at least --low-watermark", 2)
     services.run_ost(index, directory, mds_address, listen, read_secret(secret_file, listen),
-                     endpoint_url, capacity, low_watermark, high_watermark or low_watermark)
+                     endpoint_url, capacity, low_watermark, high_watermark or low_watermark,
+                     metrics)
 
 
 @main.command()
@@ -337,15 +343,17 @@ def ost(index, directory, mds_address, listen, secret_file, endpoint_url, capaci
 @click.option("--secret-file", type=click.Path())
 @click.option("--attr-timeout", type=float, default=10.0, show_default=True)
 @click.option("-o", "options", multiple=True, help="FUSE mount options (comma lists work).")
+@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here (opt-in).")
 @click.option("--log-level", default="info")
 @click.option("--log-file", type=click.Path())
-def mount(mds_address, mountpoint, data_dir, secret_file, attr_timeout, options, log_level,
-          log_file):
+def mount(mds_address, mountpoint, data_dir, secret_file, attr_timeout, options, metrics,
+          log_level, log_file):
     """Run the FUSE client for MDS_ADDRESS on MOUNTPOINT (in the foreground)."""
     services.setup_logging(log_level, log_file)
     opts = [o for group in options for o in group.split(",")]
     services.run_mount(mds_address, mountpoint, read_secret(secret_file), attr_timeout,
-                       os.path.abspath(data_dir) if data_dir else None, opts)
+                       os.path.abspath(data_dir) if data_dir else None, opts,
+                       metrics=metrics)
 
 
 # -- checking (fsck, scrub) ----------------------------------------------------
@@ -679,6 +687,48 @@ def _lfs_main(args):
 def lfs(args):
     """The Lustre `lfs` tool (same as the `lfs` command)."""
     sys.exit(_lfs_main(args))
+
+
+# -- demo and bench -------------------------------------------------------------
+
+@main.command()
+@click.option("--dir", "base", default="/tmp/lustrefuse-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where the demo keeps its state and logs.")
+@click.option("--mountpoint", type=click.Path(), help="[default: DIR/mnt]")
+@click.option("--data-dir", type=click.Path(), help="[default: DIR/data]")
+@click.option("--large-size", default="512M", show_default=True,
+              callback=lambda c, p, v: size_option(v), help="Size of the large file (0: none).")
+@click.option("--small-files", type=click.IntRange(0), default=2000, show_default=True,
+              help="Number of small files (64-128 KiB).")
+@click.option("--readers", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--osts", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--stripe-size", default="1M", show_default=True)
+@click.option("--imported-file-chunk-size", "imported_chunk", default="64M", show_default=True,
+              help="Passed to `up`: the large file is striped over the OSTs.")
+@click.option("--keep-running/--no-keep-running", default=True, show_default=True,
+              help="Leave the filesystem and the S3 endpoint up after the demo.")
+@click.option("--stop", "stop_demo", is_flag=True, help="Stop a running demo and exit.")
+def demo(**kw):
+    """Start a local S3 endpoint, a sample dataset and a filesystem over it; show figures.
+
+    Uploads one large file and a few thousand small ones to moto's S3 server on
+    127.0.0.1, runs `up`, then times a lazy first read against a second read,
+    `hsm_restore` of everything, parallel readers and `hsm_release`, checking every
+    byte read. `lustrefuse demo --stop` stops it all.
+    """
+    from . import demo as demo_module
+
+    sys.exit(demo_module.main_cli(**kw))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """Measure the system against the machine's own limits (try `lustrefuse bench --help`)."""
+    from . import bench as bench_module
+
+    sys.exit(bench_module.main(list(args)))
 
 
 if __name__ == "__main__":

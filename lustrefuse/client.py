@@ -25,6 +25,7 @@ import trio
 from . import hsm, rpc
 from .integrity import checksum
 from .layout import Layout, StripeSpec
+from .metrics import REGISTRY
 from .protocol import CTL_NAME, RpcError
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,15 @@ def fuse_errors(fn):
     """Only FUSEError may leave a handler (pyfuse3): map everything else to an errno."""
     import functools
 
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args, **kw):
+        start = time.perf_counter()
         try:
             return await fn(*args, **kw)
         except pyfuse3.FUSEError:
+            REGISTRY.inc("fuse_errors", help="FUSE requests answered with an error", op=op)
             raise
         except RpcError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
@@ -56,6 +61,9 @@ def fuse_errors(fn):
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            REGISTRY.observe("fuse_latency_seconds", time.perf_counter() - start,
+                             help="FUSE request service time", op=op)
 
     return wrapper
 
@@ -90,8 +98,11 @@ class OpenFile:
 
 
 class Counters(dict):
+    """The client's counters, for ``lustrefuse stats`` and Prometheus alike."""
+
     def add(self, name: str, n: int = 1):
         self[name] = self.get(name, 0) + n
+        REGISTRY.inc("client_" + name, n)
 
 
 class Filesystem(pyfuse3.Operations):
@@ -482,6 +493,7 @@ class Filesystem(pyfuse3.Operations):
             return of.cache[1]
         idx = of.layout.ost_of_chunk(s)
         ent = of.tables.get(idx, {}).get(s)
+        self.counters.add("chunk_hits" if ent is not None else "chunk_misses")
         if ent is None:
             if not of.from_s3(s):
                 return b""  # never written, not in S3: a hole

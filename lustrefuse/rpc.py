@@ -18,9 +18,11 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from dataclasses import dataclass, field
 
 from . import protocol
+from .metrics import REGISTRY
 from .protocol import ProtocolError, RpcError
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,9 @@ class Server:
     """Serve ``handlers[op](peer, **args)`` on one address, a thread per connection."""
 
     def __init__(self, address: str, handlers: dict, secret: bytes | None = None,
-                 on_disconnect=None, mode: int = 0o600):
+                 on_disconnect=None, mode: int = 0o600, role: str = "server"):
         self.address = address
+        self.role = role  # the metrics label of this listener (mds, ost0, ...)
         self.handlers = handlers
         self.secret = secret
         self.on_disconnect = on_disconnect
@@ -191,6 +194,8 @@ class Server:
 
     def _dispatch(self, sock: socket.socket, peer: Peer, msg):
         fds: list[int] = []
+        op = "?"
+        start = time.perf_counter()
         try:
             op, args = protocol.parse_request(msg)
             handler = self.handlers.get(op)
@@ -215,6 +220,11 @@ class Server:
         except Exception as e:
             log.exception("handler failed")
             frame = protocol.reply_err(errno.EIO, f"internal error: {e}")
+        if op not in self.handlers:
+            op = "unknown"  # keep label values bounded whatever peers send
+        REGISTRY.inc("rpc_requests", help="RPC requests served", role=self.role, op=op)
+        REGISTRY.observe("rpc_latency_seconds", time.perf_counter() - start,
+                         help="RPC service time", role=self.role, op=op)
         try:
             if fds and sock.family == socket.AF_UNIX:
                 socket.send_fds(sock, [frame[:1]], fds)

@@ -60,7 +60,19 @@ def wait_signal_or(event: threading.Event):
 
 # -- the daemons -----------------------------------------------------------
 
-def run_mds(data_dir: str, listen: str | None, secret: bytes | None):
+def start_metrics(address: str | None, gauges: dict | None = None):
+    """Opt-in Prometheus endpoint; ``gauges`` maps a name to a callable read at scrape time."""
+    if not address:
+        return
+    from .metrics import REGISTRY, serve
+
+    for name, (fn, help_text) in (gauges or {}).items():
+        REGISTRY.gauge(name, fn, help_text)
+    serve(address)
+    log.info("metrics on http://%s/metrics", address)
+
+
+def run_mds(data_dir: str, listen: str | None, secret: bytes | None, metrics: str | None = None):
     from .mds import Mds, take_lock
 
     lock_fd = take_lock(os.path.join(data_dir, "mds.lock"))
@@ -73,6 +85,18 @@ def run_mds(data_dir: str, listen: str | None, secret: bytes | None):
     mds = Mds(data_dir, config)
     handlers.update(mds.handlers())
     server.on_disconnect = mds.on_disconnect
+    server.role = "mds"
+
+    def queue():
+        rows = mds.ns.db.execute("SELECT action, state, count(*) FROM hsm_requests "
+                                 "WHERE state IN ('WAITING','STARTED') GROUP BY 1, 2").fetchall()
+        return {(("action", a), ("state", st)): n for a, st, n in rows} or {(): 0}
+
+    start_metrics(metrics, {
+        "mds_inodes": (lambda: {(): mds.ns.counts()["inodes"]}, "inodes in the namespace"),
+        "mds_open_files": (lambda: {(): len(mds.opens)}, "files open by clients"),
+        "hsm_queue_depth": (queue, "HSM requests waiting or running"),
+    })
     mds.recover()
     server.start()
     threading.Thread(target=mds.auto_import_loop, name="auto-import", daemon=True).start()
@@ -88,7 +112,7 @@ def run_mds(data_dir: str, listen: str | None, secret: bytes | None):
 
 def run_ost(index: int, directory: str, mds_address: str, listen: str | None,
             secret: bytes | None, endpoint_url: str | None = None, capacity: int = 0,
-            low_watermark: float = 0.0, high_watermark: float = 0.0):
+            low_watermark: float = 0.0, high_watermark: float = 0.0, metrics: str | None = None):
     from .ost import ObjectStore, OstService
     from .s3 import Repository
 
@@ -98,8 +122,22 @@ def run_ost(index: int, directory: str, mds_address: str, listen: str | None,
     address = listen or f"unix:{os.path.join(directory, 'ost.sock')}"
     service = OstService(store, mds, None, low_watermark=low_watermark,
                          high_watermark=high_watermark)
-    server = rpc.Server(address, service.handlers(), secret)
+    server = rpc.Server(address, service.handlers(), secret, role=f"ost{index}")
     server.start()
+
+    def s3_counter(name):
+        return lambda: {(("ost", index),): getattr(service.repo.counters, name)
+                        if service.repo else 0}
+
+    start_metrics(metrics, {
+        "ost_used_bytes": (lambda: {(("ost", index),): store.used}, "bytes of chunks held"),
+        "ost_free_bytes": (lambda: {(("ost", index),): store.free_bytes()}, "room for chunks"),
+        "hydration_inflight": (lambda: {(("ost", index),): len(service.inflight)},
+                               "chunks being fetched from S3"),
+        "s3_bytes_in": (s3_counter("bytes_in"), "bytes fetched from S3"),
+        "s3_errors": (s3_counter("errors"), "S3 requests that failed"),
+        "s3_requests": (s3_counter("requests"), "S3 requests made"),
+    })
     repo_cfg = None
     for attempt in range(100):
         try:
@@ -137,7 +175,8 @@ def set_read_ahead(mountpoint: str, kb: int = 1024):
 
 
 def run_mount(mds_address: str, mountpoint: str, secret: bytes | None, attr_timeout: float,
-              data_dir: str | None, options: list[str], allow_other: bool | None = None):
+              data_dir: str | None, options: list[str], allow_other: bool | None = None,
+              metrics: str | None = None):
     import pyfuse3
     import trio
 
@@ -155,6 +194,12 @@ def run_mount(mds_address: str, mountpoint: str, secret: bytes | None, attr_time
         set_read_ahead(mountpoint)
         sd_notify()
 
+    def hit_ratio():
+        c = fs.counters
+        total = c.get("chunk_hits", 0) + c.get("chunk_misses", 0)
+        return {(): c.get("chunk_hits", 0) / total if total else 1.0}
+
+    start_metrics(metrics, {"chunk_hit_ratio": (hit_ratio, "reads served by local chunks")})
     log.info("mounting %s on %s", mds_address, mountpoint)
     trio.run(serve, fs, mountpoint, opts, ready)
     log.info("unmounted %s", mountpoint)
@@ -246,9 +291,13 @@ class Supervisor:
             time.sleep(0.05)
         raise SystemExit(f"{name} did not become ready within {timeout:.0f}s")
 
+    def _metrics_args(self, offset: int) -> list[str]:
+        port = self.args.get("metrics_port")
+        return ["--metrics", f"127.0.0.1:{port + offset}"] if port else []
+
     def start_mds(self):
         self._start("mds", ["mds", "--data-dir", self.data_dir, "--log-level",
-                            self.args.get("log_level", "info")])
+                            self.args.get("log_level", "info"), *self._metrics_args(0)])
         c = rpc.Client(self.mds_address, timeout=2)
         self._wait("mds", lambda: c.call("ping") is not None)
         c.close()
@@ -263,7 +312,8 @@ class Supervisor:
                     extra += ["--" + opt.replace("_", "-"), str(self.config[opt])]
             self._start(f"ost{i}", ["ost", "--index", str(i), "--dir", d, "--mds",
                                     self.mds_address, "--log-level",
-                                    self.args.get("log_level", "info"), *extra])
+                                    self.args.get("log_level", "info"), *extra,
+                                    *self._metrics_args(2 + i)])
         c = rpc.Client(self.mds_address, timeout=2)
         for i in indexes:
             sock = f"unix:{os.path.join(self.data_dir, f'ost{i}', 'ost.sock')}"
@@ -274,7 +324,7 @@ class Supervisor:
     def start_mount(self):
         args = ["mount", self.mds_address, self.mountpoint, "--data-dir", self.data_dir,
                 "--attr-timeout", str(self.args.get("attr_timeout", 10.0)),
-                "--log-level", self.args.get("log_level", "info")]
+                "--log-level", self.args.get("log_level", "info"), *self._metrics_args(1)]
         for o in self.args.get("options") or ():
             args += ["-o", o]
         self._start("mount", args)
