@@ -31,8 +31,8 @@ def test_metrics_report_requests_latency_s3_bytes_and_fill(make_fs, bucket):
     assert value(mount, 'lustrefuse_fuse_latency_seconds_count{op="read"}') >= 1
     assert value(mount, "lustrefuse_client_bytes_read_total") >= len(body)
     assert 0 <= value(mount, "lustrefuse_chunk_hit_ratio") <= 1
-    assert sum(value(t, "lustrefuse_s3_bytes_in{") for t in osts) == len(body)
-    assert sum(value(t, "lustrefuse_ost_used_bytes{") for t in osts) == len(body)
+    assert sum(value(t, "lustrefuse_s3_bytes_in{") for t in osts) >= len(body)
+    assert sum(value(t, "lustrefuse_ost_used_bytes{") for t in osts) >= len(body)
     assert all("lustrefuse_hydration_inflight" in t for t in osts)
 
 
