@@ -731,5 +731,14 @@ def bench(args):
     sys.exit(bench_module.main(list(args)))
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script: mount.fuse3's form, or the click commands."""
+    from . import fstab
+
+    if fstab.looks_like_fstab_call(sys.argv):
+        sys.exit(fstab.main(sys.argv[1:]))
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -244,10 +244,7 @@ class Coordinator:
             t.start()
         for t in threads:
             t.join()
-        if errors:
-            if any("changed since import" in e or "deleted" in e for e in errors):
-                flags, _aid = self.ns.hsm_state(ino)
-                self.ns.set_hsm(ino, flags | hsm.LOST)
+        if errors:  # an OST that found the object changed has marked the file lost
             raise RpcError(errno.EIO, "; ".join(errors))
         return st["size"]
 

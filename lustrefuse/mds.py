@@ -429,6 +429,12 @@ class Mds:
         self.ns.mark_released(ino)
         return freed
 
+    def h_mark_lost(self, peer, ino: int, etag: str | None):
+        """An OST found the archive copy changed or gone: LOST, until a re-import."""
+        st = self.ns.file_state(ino)
+        if st["etag"] == etag and st["hsm"] & hsm.ARCHIVED:
+            self.ns.set_hsm(ino, st["hsm"] | hsm.LOST)
+
     def h_evict(self, peer, ost: int, inos: list, need: int):
         """Auto-release for an OST short of space: archived, clean, releasable files only."""
         released, freed = [], 0

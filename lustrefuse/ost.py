@@ -325,16 +325,16 @@ class OstService:
         ino, key = desc["ino"], desc["s3_key"]
         try:
             return self.repo.get_range(key, start, length, desc["etag"])
-        except StaleObject:
-            log.error("s3 key %r changed since import (ETag %s): chunks %d-%d of inode %d not "
-                      "fetched", key, desc["etag"], run[0], run[-1], ino)
+        except (StaleObject, NoSuchObject) as e:
+            why = "changed since import" if isinstance(e, StaleObject) else "deleted"
+            log.error("s3 key %r %s (ETag %s): chunks %d-%d of inode %d not fetched; the file "
+                      "is marked lost_from_hsm", key, why, desc["etag"], run[0], run[-1], ino)
             self._count("hydrate_errors")
-            raise RpcError(errno.ESTALE, f"{key}: object changed since import") from None
-        except NoSuchObject:
-            log.error("s3 key %r is gone: chunks %d-%d of inode %d not fetched",
-                      key, run[0], run[-1], ino)
-            self._count("hydrate_errors")
-            raise RpcError(errno.ESTALE, f"{key}: object deleted") from None
+            try:  # the file's state says so, never a mix of two versions
+                self.mds.call("mark_lost", ino=ino, etag=desc["etag"])
+            except (OSError, RpcError) as err:
+                log.warning("cannot mark inode %d lost: %s", ino, err)
+            raise RpcError(errno.EIO, f"{key}: object {why}") from None
         except S3Error as e:
             log.error("fetching chunks %d-%d of s3 key %r failed: %s", run[0], run[-1], key, e)
             self._count("hydrate_errors")

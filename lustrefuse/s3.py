@@ -65,7 +65,7 @@ class Repository:
             max_pool_connections=max_connections,
             connect_timeout=5,
             read_timeout=30,
-            retries={"max_attempts": 1, "mode": "standard"},  # we retry ourselves
+            retries={"total_max_attempts": 1, "mode": "standard"},  # we retry (and count) ourselves
             s3={"addressing_style": "path"},
         )
         session = boto3.session.Session()
@@ -165,12 +165,6 @@ class Repository:
         if length == 0:
             return b""
         data = self._retry(f"get {key} [{start}+{length}]", once)
-        self._count(gets=1, bytes_in=len(data))
-        return data
-
-    def get_object(self, key: str) -> bytes:
-        resp = self._retry(f"get {key}", lambda: self.client.get_object(Bucket=self.bucket, Key=key))
-        data = resp["Body"].read()
         self._count(gets=1, bytes_in=len(data))
         return data
 

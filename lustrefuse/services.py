@@ -182,6 +182,10 @@ def run_mount(mds_address: str, mountpoint: str, secret: bytes | None, attr_time
 
     from .client import Filesystem, serve
 
+    try:  # one clear line, before anything is mounted, when the MDS is not there
+        rpc.Client(mds_address, secret, timeout=10).call("ping")
+    except (OSError, RpcError, ConnectionError) as e:
+        raise SystemExit(f"lustrefuse: cannot reach the MDS at {mds_address}: {e}") from None
     fs = Filesystem(mds_address, secret, attr_timeout, data_dir)
     opts = set(pyfuse3.default_options)
     opts |= {f"fsname={data_dir or 'lustrefuse'}", "subtype=lustrefuse", "noatime"}
@@ -201,7 +205,13 @@ def run_mount(mds_address: str, mountpoint: str, secret: bytes | None, attr_time
 
     start_metrics(metrics, {"chunk_hit_ratio": (hit_ratio, "reads served by local chunks")})
     log.info("mounting %s on %s", mds_address, mountpoint)
-    trio.run(serve, fs, mountpoint, opts, ready)
+    try:
+        trio.run(serve, fs, mountpoint, opts, ready)
+    except BaseException as e:
+        log.exception("the mount failed")
+        errors = e.exceptions if isinstance(e, BaseExceptionGroup) else [e]
+        raise SystemExit(f"lustrefuse: mount of {mountpoint} failed: "
+                         + "; ".join(str(x) or type(x).__name__ for x in errors)) from None
     log.info("unmounted %s", mountpoint)
 
 

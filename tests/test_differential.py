@@ -16,11 +16,10 @@ import shutil
 import stat
 
 import pytest
+from helpers import wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-
-from helpers import wait_for
 
 EXAMPLES = int(os.environ.get("LUSTREFUSE_FSRAND_EXAMPLES", "12"))
 STEPS = int(os.environ.get("LUSTREFUSE_FSRAND_STEPS", "30"))

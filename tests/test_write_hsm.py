@@ -7,9 +7,8 @@ import os
 import time
 
 import pytest
-from s3fault import FaultProxy
-
 from helpers import FS, MiB, data, unique, wait_for
+from s3fault import FaultProxy
 
 
 def wait_noop(fs: FS, rel: str, timeout: float = 60):
