@@ -182,7 +182,8 @@ class Filesystem(pyfuse3.Operations):
         size = self._local_size(ino, a["size"])
         e.st_size = size
         e.st_blksize = 1 << 20
-        e.st_blocks = (size + 511) // 512
+        # like du on Lustre: a released file holds no local blocks (sanity-hsm 21)
+        e.st_blocks = 0 if a.get("hsm", 0) & hsm.RELEASED else (size + 511) // 512
         e.st_atime_ns = a["atime_ns"]
         e.st_mtime_ns = a["mtime_ns"]
         e.st_ctime_ns = a["ctime_ns"]
@@ -497,6 +498,9 @@ class Filesystem(pyfuse3.Operations):
         if ent is None:
             if not of.from_s3(s):
                 return b""  # never written, not in S3: a hole
+            if of.st["hsm"] & hsm.LOST:  # Lustre refuses the implicit restore (sanity-hsm 25a)
+                log.error("inode %d is lost_from_hsm: chunk %d cannot be fetched", of.ino, s)
+                raise pyfuse3.FUSEError(errno.EIO)
             if s in of.prefetching:
                 self.counters.add("prefetch_waits")
             await self._hydrate(of, idx, [s])

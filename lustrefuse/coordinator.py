@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("WAITING", "STARTED")
 PART_SIZE = 8 * 1024 * 1024
+OST_WAIT = 60.0  # seconds a request waits for an unreachable OST before failing
 
 
 class Coordinator:
@@ -63,7 +64,7 @@ class Coordinator:
                 raise RpcError(errno.EINVAL, "not a regular file")
             try:
                 if action == "restore":
-                    needed = hsm.restore_check(st["hsm"]) or self._missing(st)
+                    needed = hsm.restore_check(st["hsm"])
                 elif action == "archive":
                     if uid != 0:
                         raise RpcError(errno.EPERM, "only root may archive")
@@ -102,10 +103,6 @@ class Coordinator:
         st = self.ns.file_state(ino)
         if st["uid"] != uid:
             raise RpcError(errno.EPERM, "only the owner or root may release")
-
-    def _missing(self, st: dict) -> bool:
-        """A partly hydrated, not released file (e.g. dirty) has nothing to restore."""
-        return False
 
     def cancel(self, inos: list[int]) -> int:
         n = 0
@@ -216,6 +213,23 @@ class Coordinator:
                 log.error("HSM %s of inode %d failed: %s", action, ino, e)
                 self._finish(rid, "FAILED", str(e))
 
+    def ost_call(self, idx: int, op: str, **args):
+        """Call an OST, waiting out a restart (after an MDS restart the OSTs may still be
+        coming back): connection failures are retried for up to OST_WAIT seconds."""
+        deadline = time.monotonic() + OST_WAIT
+        while True:
+            try:
+                return self.mds.ost(idx).call(op, **args)
+            except (ConnectionError, FileNotFoundError) as e:
+                err = e
+            except RpcError as e:
+                if "has not registered" not in str(e):
+                    raise  # the OST answered: its error stands
+                err = e
+            if time.monotonic() > deadline or self._stop.is_set():
+                raise RpcError(errno.EIO, f"OST {idx} unreachable: {err}")
+            time.sleep(0.5)
+
     def _desc(self, ino: int, st: dict) -> dict:
         return {"ino": ino, "layout": st["layout"], "s3_key": st["s3_key"],
                 "etag": st["etag"], "s3_size": st["s3_size"] or 0, "size": st["size"]}
@@ -234,7 +248,7 @@ class Coordinator:
 
         def one(idx, chunks):
             try:
-                got = self.mds.ost(idx).call("hydrate", desc=desc, chunks=chunks)
+                got = self.ost_call(idx, "hydrate", desc=desc, chunks=chunks)
                 self.ns.mark_present(ino, [int(s) for s in got])
             except (OSError, RpcError) as e:
                 errors.append(f"OST {idx}: {e}")
@@ -256,12 +270,11 @@ class Coordinator:
         buf = bytearray()
         for s in range(lay.chunk_count(size)):
             idx = lay.ost_of_chunk(s)
-            ost = self.mds.ost(idx)
-            row = ost.call("hydrate", desc=desc, chunks=[s]) if (
-                desc["s3_key"] and not bitmap_has(st["present"], s)) else None
-            del row
+            if desc["s3_key"] and not bitmap_has(st["present"], s):
+                self.ost_call(idx, "hydrate", desc=desc, chunks=[s])
             want = lay.chunk_length(s, size)
-            data = ost.call("read", ino=ino, offset=lay.chunk_object_offset(s), length=want)
+            data = self.ost_call(idx, "read", ino=ino, offset=lay.chunk_object_offset(s),
+                                 length=want)
             if len(data) < want:  # holes at an object's end read short
                 data += bytes(want - len(data))
             buf += data

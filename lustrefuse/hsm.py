@@ -104,10 +104,12 @@ def archive_check(flags: int) -> bool:
 
 def restore_check(flags: int) -> bool:
     """True when a restore is needed, False for a no-op; HsmError when refused."""
+    if flags & DIRTY:  # sanity-hsm 12e: local changes would be overwritten
+        raise HsmError(errno.EPERM, "file is dirty")
     if not flags & RELEASED:
         # sanity-hsm 12d: a resident file "must work without doing request"
         return False
-    if flags & (DIRTY | LOST) or not flags & ARCHIVED:
+    if flags & LOST or not flags & ARCHIVED:
         raise HsmError(errno.EPERM, "file cannot be restored")
     return True
 

@@ -200,8 +200,12 @@ class Importer:
                     continue
                 meta = keys.parse_metadata(heads.get(key, {}))
                 if mk.is_dir:
-                    if self._ensure_dir(db, mk.parts, meta, t, gen) is None:
+                    ino = self._ensure_dir(db, mk.parts, meta, t, gen)
+                    if ino is None:
                         self._skip(key, keys.TYPE_MISMATCH, "a file has this directory's name")
+                    else:  # the marker stands for this directory (deleting it removes an empty one)
+                        db.execute("UPDATE inodes SET s3_key=?, etag=?, import_gen=? WHERE ino=?",
+                                   (key, obj.get("ETag"), gen, ino))
                     continue
                 parent = self._ensure_dir(db, mk.parts[:-1], None, t, gen)
                 if parent is None:
@@ -276,10 +280,25 @@ class Importer:
 
     def _sweep_deleted(self, gen: int):
         """Objects gone from S3: remove clean imported files; empty dirs whose marker went."""
+        like = self.prefix.replace("%", "\\%").replace("_", "\\_") + "%"
+        for (ino,) in self.ns.db.execute(
+                "SELECT ino FROM inodes WHERE s3_key IS NOT NULL AND import_gen<? AND "
+                "(mode & 0xF000)=0x4000 AND s3_key LIKE ? ESCAPE '\\' ORDER BY ino DESC",
+                (gen, like)).fetchall():
+            with self.ns.tx() as db:
+                if db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)).fetchone():
+                    continue  # FSx deletes a directory only when it is empty
+                row = db.execute("SELECT parent FROM dentries WHERE ino=?", (ino,)).fetchone()
+                if row is None:
+                    continue
+                db.execute("DELETE FROM dentries WHERE ino=?", (ino,))
+                db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+                db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (row[0],))
+            self.status.deleted += 1
         gone = self.ns.db.execute(
             "SELECT ino FROM inodes WHERE s3_key IS NOT NULL AND import_gen<? AND "
-            "(hsm & ?)=0 AND s3_key LIKE ? ESCAPE '\\'",
-            (gen, hsm.DIRTY, self.prefix.replace("%", "\\%").replace("_", "\\_") + "%")).fetchall()
+            "(hsm & ?)=0 AND (mode & 0xF000)=0x8000 AND s3_key LIKE ? ESCAPE '\\'",
+            (gen, hsm.DIRTY, like)).fetchall()
         for (ino,) in gone:
             with self.ns.tx() as db:
                 for parent, name in db.execute("SELECT parent, name FROM dentries WHERE ino=?",

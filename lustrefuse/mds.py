@@ -541,7 +541,7 @@ def check_repository(config: dict):
     try:
         repo.check_bucket()
     except S3Error as e:
-        raise SystemExit(f"cannot use s3://{config['bucket']}: {e}") from None
+        raise SystemExit(f"lustrefuse: cannot use s3://{config['bucket']}: {e}") from None
 
 
 def parse_key_prefix(url: str) -> tuple[str, str]:

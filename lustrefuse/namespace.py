@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS hsm_requests (
 CREATE INDEX IF NOT EXISTS hsm_requests_state ON hsm_requests(state, ino);
 """
 
-ATTR_COLS = "ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, data_version"
+ATTR_COLS = "ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, data_version, hsm"
 
 
 def now_ns() -> int:
@@ -111,9 +111,10 @@ def bitmap_has(bits: bytes | None, s: int) -> bool:
 
 
 def attr_of(row) -> dict:
-    ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, dv = row[:11]
+    ino, mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, dv, flags = row[:12]
     return {"ino": ino, "mode": mode, "uid": uid, "gid": gid, "nlink": nlink, "size": size,
-            "atime_ns": atime, "mtime_ns": mtime, "ctime_ns": ctime, "rdev": rdev, "dv": dv}
+            "atime_ns": atime, "mtime_ns": mtime, "ctime_ns": ctime, "rdev": rdev, "dv": dv,
+            "hsm": flags}
 
 
 def check_name(name: bytes):
@@ -472,12 +473,10 @@ class Namespace:
 
     def file_state(self, ino: int) -> dict:
         """Everything a client needs to open a regular file."""
-        row = self._row(ino, ATTR_COLS + ", hsm, archive_id, layout, s3_key, etag, s3_size, "
-                        "present")
+        row = self._row(ino, ATTR_COLS + ", archive_id, layout, s3_key, etag, s3_size, present")
         a = attr_of(row)
         a["data_version"] = a["dv"]
-        (a["hsm"], a["archive_id"], lay, a["s3_key"], a["etag"], a["s3_size"],
-         a["present"]) = row[11:]
+        (a["archive_id"], lay, a["s3_key"], a["etag"], a["s3_size"], a["present"]) = row[12:]
         a["layout"] = json.loads(lay) if lay else None
         return a
 
@@ -589,6 +588,13 @@ class Namespace:
                 (hsm.after_archive(row[0]), hsm.DEFAULT_ARCHIVE_ID, key, etag, size,
                  data_version, ino))
             return True
+
+    def set_exported(self, ino: int, key: str, etag: str):
+        """A directory marker or symlink object now stands for this inode in S3."""
+        with self.tx() as db:
+            db.execute("UPDATE inodes SET s3_key=?, etag=?, import_gen=coalesce((SELECT "
+                       "CAST(value AS INTEGER) FROM meta WHERE key='import_gen'), 0) "
+                       "WHERE ino=?", (key, etag, ino))
 
     def counts(self) -> dict:
         n = self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]

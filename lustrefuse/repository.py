@@ -77,9 +77,10 @@ class DataRepository:
         meta = keys.format_metadata(mode, st["uid"], st["gid"], st["atime_ns"], st["mtime_ns"])
         try:
             if stat.S_ISDIR(mode):
-                self.repo.put_object(path_key, b"", meta)
+                self.ns.set_exported(ino, path_key, self.repo.put_object(path_key, b"", meta))
             elif stat.S_ISLNK(mode):
-                self.repo.put_object(path_key, self.ns.readlink(ino), meta)
+                etag = self.repo.put_object(path_key, self.ns.readlink(ino), meta)
+                self.ns.set_exported(ino, path_key, etag)
             elif stat.S_ISREG(mode):
                 if st["hsm"] & hsm.NOARCHIVE:
                     return None
@@ -270,8 +271,8 @@ class DataRepository:
             if flags & hsm.ARCHIVED and not flags & hsm.DIRTY or flags & hsm.NOARCHIVE:
                 return False  # only what changed since the last export
         elif stat.S_ISDIR(st["mode"]) or stat.S_ISLNK(st["mode"]):
-            if st["s3_key"] or st.get("import_gen"):
-                return False
+            if st["s3_key"] == self.key_of(ino, stat.S_ISDIR(st["mode"])):
+                return False  # exported (or imported) at this path already
         else:
             return False
         return self.export_inode(ino)

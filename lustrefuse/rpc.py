@@ -263,20 +263,28 @@ class Client:
         self._lock = threading.Lock()
 
     def call(self, op: str, timeout: float | None = None, want_fds: bool = False, **args):
-        with self._lock:
-            sock = self._idle.pop() if self._idle else None
-        if sock is None:
-            sock = _connect(self.address, self.secret, self.timeout)
         fds: list[int] = []
-        try:
-            sock.settimeout(timeout or self.timeout)
-            sock.sendall(protocol.request(op, args))
-            msg = read_frame(sock, fds)
-        except BaseException:
-            sock.close()
-            for fd in fds:
-                os.close(fd)
-            raise
+        for attempt in (0, 1):
+            with self._lock:
+                sock = self._idle.pop() if self._idle else None
+            reused = sock is not None
+            if sock is None:
+                sock = _connect(self.address, self.secret, self.timeout)
+            try:
+                sock.settimeout(timeout or self.timeout)
+                sock.sendall(protocol.request(op, args))
+                msg = read_frame(sock, fds)
+                break
+            except ConnectionError:
+                sock.close()
+                # an idle pooled connection whose server restarted: once more, afresh
+                if not (reused and attempt == 0 and not fds):
+                    raise
+            except BaseException:
+                sock.close()
+                for fd in fds:
+                    os.close(fd)
+                raise
         with self._lock:
             self._idle.append(sock)
         try:
@@ -296,6 +304,15 @@ class Client:
             for s in self._idle:
                 s.close()
             self._idle.clear()
+
+
+class _Stale(Exception):
+    """A connection that broke before its answer (its server may have restarted)."""
+
+    def __init__(self, sock, cause):
+        super().__init__(str(cause))
+        self.sock = sock
+        self.cause = cause
 
 
 class TrioClient:
@@ -354,34 +371,20 @@ class TrioClient:
 
     async def call(self, op: str, timeout: float | None = None, want_fds: bool = False,
                    **args):
-        trio = self._trio
         async with self._slots:
-            sock = self._idle.pop() if self._idle else None
-            fds: list[int] = []
-            try:
-                with trio.fail_after(timeout or self.timeout):
-                    if sock is None:
-                        sock = await self._connect()
-                    await self._sendall(sock, protocol.request(op, args))
-                    header = await self._recv_exact(sock, protocol.HEADER.size, fds)
-                    length = protocol.parse_header(header)
-                    body = await self._recv_exact(sock, length) if length else b""
-            except trio.TooSlowError:
-                if sock is not None:
-                    sock.close()
-                raise RpcError(errno.ETIMEDOUT, f"{op}: no answer from {self.address}") from None
-            except (OSError, ConnectionError, ProtocolError) as e:
-                if sock is not None:
-                    sock.close()
-                for fd in fds:
-                    os.close(fd)
-                raise RpcError(errno.EIO, f"{op}: {self.address}: {e}") from None
-            except BaseException:
-                if sock is not None:
-                    sock.close()
-                for fd in fds:
-                    os.close(fd)
-                raise
+            for attempt in (0, 1):
+                sock = self._idle.pop() if self._idle else None
+                reused = sock is not None
+                fds: list[int] = []
+                try:
+                    sock, body = await self._exchange(sock, op, args, fds, timeout)
+                    break
+                except _Stale as e:
+                    e.sock.close()
+                    # an idle pooled connection whose server restarted: once more, afresh
+                    if reused and attempt == 0 and not fds:
+                        continue
+                    raise RpcError(errno.EIO, f"{op}: {self.address}: {e.cause}") from None
             self._idle.append(sock)
         try:
             result = protocol.parse_reply(protocol.decode(body))
@@ -394,6 +397,40 @@ class TrioClient:
         for fd in fds:
             os.close(fd)
         return result
+
+    async def _exchange(self, sock, op: str, args: dict, fds: list, timeout: float | None):
+        trio = self._trio
+        try:
+            with trio.fail_after(timeout or self.timeout):
+                if sock is None:
+                    sock = await self._connect()
+                await self._sendall(sock, protocol.request(op, args))
+                header = await self._recv_exact(sock, protocol.HEADER.size, fds)
+                length = protocol.parse_header(header)
+                body = await self._recv_exact(sock, length) if length else b""
+                return sock, body
+        except trio.TooSlowError:
+            if sock is not None:
+                sock.close()
+            raise RpcError(errno.ETIMEDOUT, f"{op}: no answer from {self.address}") from None
+        except ConnectionError as e:
+            if sock is None:
+                raise RpcError(errno.EIO, f"{op}: {self.address}: {e}") from None
+            for fd in fds:
+                os.close(fd)
+            raise _Stale(sock, e) from None
+        except (OSError, ProtocolError) as e:
+            if sock is not None:
+                sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise RpcError(errno.EIO, f"{op}: {self.address}: {e}") from None
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise
 
     def close(self):
         for s in self._idle:

@@ -96,7 +96,7 @@ class Repository:
                     raise NoSuchObject("S3ObjectNotFound", f"{what}: no such object") from None
                 if code in ("NoSuchBucket",):
                     self._count(errors=1)
-                    raise S3Error(code, f"{what}: bucket does not exist") from None
+                    raise S3Error(code, "bucket does not exist") from None
                 if code in ("AccessDenied", "403"):
                     self._count(errors=1)
                     raise S3Error("S3AccessDenied", f"{what}: access denied") from None
@@ -121,7 +121,10 @@ class Repository:
     # -- namespace ---------------------------------------------------------
 
     def check_bucket(self):
-        self._retry("head bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
+        try:
+            self._retry("head bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
+        except NoSuchObject:  # HEAD has no body: a bare 404 is the bucket's
+            raise S3Error("NoSuchBucket", "bucket does not exist") from None
 
     def list_pages(self, prefix: str = "", start_after: str = ""):
         """Yield lists of ``{"Key", "Size", "ETag", "LastModified"}``, 1,000 at a time."""

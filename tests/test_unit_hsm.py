@@ -181,11 +181,6 @@ def test_restore_rule(flags, want):
     assert outcome(hsm.restore_check, flags) == want
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG hsm.py restore_check: a DIRTY file that is not RELEASED (0x3, 0xb) is a no-op, "
-    "but reference §1.5 (and mdt_hsm_cdt_client.c: restore is 'needed' when RELEASED|DIRTY, "
-    "then refused as incompatible when DIRTY) says RESTORE of a DIRTY file is refused "
-    "with EPERM. Fix: check `flags & DIRTY` (-> EPERM) before the `not RELEASED` no-op."))
 @pytest.mark.parametrize("flags", [0x3, 0xB, 0x1B])
 def test_restore_of_dirty_file_is_eperm(flags):
     assert outcome(hsm.restore_check, flags) == "EPERM"
