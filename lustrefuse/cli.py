@@ -105,6 +105,8 @@ def _progress_printer():
 @click.option("--imported-file-chunk-size", default=str(DEFAULT_IMPORTED_CHUNK_SIZE),
               callback=lambda c, p, v: size_option(v),
               help="Imported files get size/CHUNK+1 stripes, as FSx.  [default: 1G]")
+@click.option("--fsname", default="lustrefuse", show_default=True, help="Filesystem name in "
+              "lfs df and fid2path (first run only; 1-8 letters or digits, as Lustre).")
 @click.option("--no-posix-metadata", is_flag=True,
               help="Skip the HEAD per object that reads FSx POSIX metadata headers.")
 @click.option("--no-import", is_flag=True, help="Do not sweep the bucket on this start.")
@@ -129,7 +131,7 @@ def _progress_printer():
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_file_chunk_size,
-       no_posix_metadata, no_import, auto_export, auto_import, auto_import_interval, ost_capacity,
+       fsname, no_posix_metadata, no_import, auto_export, auto_import, auto_import_interval, ost_capacity,
        low_watermark, high_watermark, foreground, attr_timeout, options, metrics_port, log_level):
     """Create or reopen a filesystem over S3 and mount it.
 
@@ -146,6 +148,8 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
         fail(str(e), 2)
     if stripe_size % (64 * 1024):
         fail("--stripe-size must be a multiple of 64K", 2)
+    if not (fsname.isalnum() and fsname.isascii() and 0 < len(fsname) <= 10):
+        fail("--fsname takes 1 to 10 letters or digits", 2)
     from .repository import parse_policy
 
     for flag, value in (("--auto-export", auto_export), ("--auto-import", auto_import)):
@@ -169,7 +173,7 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
     _check_mountpoint(mountpoint)
     config = {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
               "stripe_size": stripe_size, "imported_file_chunk_size": imported_file_chunk_size,
-              "fsname": "lustrefuse", "auto_export": auto_export, "auto_import": auto_import,
+              "fsname": fsname, "auto_export": auto_export, "auto_import": auto_import,
               "auto_import_interval": auto_import_interval, "capacity": ost_capacity,
               "low_watermark": low_watermark, "high_watermark": high_watermark}
     check_repository(config)

@@ -85,6 +85,7 @@ class OpenFile:
     next_seq: int = 0  # offset a sequential reader reads next
     prefetching: set = field(default_factory=set)
     prefetch_end: int = 0  # first chunk not yet asked for by prefetch
+    seq_reads: int = 0  # reads in a row that each began where the last one ended
 
     @property
     def desc(self) -> dict:
@@ -438,7 +439,14 @@ class Filesystem(pyfuse3.Operations):
     async def _hydrate(self, of: OpenFile, idx: int, chunks: list[int]):
         ost = await self.ost(idx)
         async with self.hydrate_limit:
-            got = await ost.call("hydrate", desc=of.desc, chunks=chunks)
+            for attempt in range(50):  # an OST that is still starting answers EAGAIN
+                try:
+                    got = await ost.call("hydrate", desc=of.desc, chunks=chunks)
+                    break
+                except RpcError as e:
+                    if e.errno != errno.EAGAIN or attempt == 49:
+                        raise
+                    await trio.sleep(0.1)
         self.counters.add("hydrate_calls")
         table = of.tables.setdefault(idx, {})
         for s, ent in got.items():
@@ -542,7 +550,9 @@ class Filesystem(pyfuse3.Operations):
         if off >= end:
             return b""
         self.counters.add("reads")
-        sequential = off == of.next_seq
+        # sequential = this read continues the previous one (a lone first read is not)
+        of.seq_reads = of.seq_reads + 1 if off == of.next_seq else 0
+        sequential = of.seq_reads >= 2
         of.next_seq = end
         out = []
         for s, _idx, obj_off, n in of.layout.pieces(off, end - off):

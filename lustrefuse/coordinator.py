@@ -223,7 +223,7 @@ class Coordinator:
             except (ConnectionError, FileNotFoundError) as e:
                 err = e
             except RpcError as e:
-                if "has not registered" not in str(e):
+                if e.errno != errno.EAGAIN and "has not registered" not in str(e):
                     raise  # the OST answered: its error stands
                 err = e
             if time.monotonic() > deadline or self._stop.is_set():

@@ -56,7 +56,7 @@ def _ns_of(dt) -> int:
 class Importer:
     def __init__(self, ns: Namespace, repo: Repository, prefix: str, chunk_size: int,
                  stripe_size: int, posix_metadata: bool = True, on_changed=None,
-                 events: frozenset = frozenset({"new", "changed", "deleted"})):
+                 events: frozenset = frozenset({"new", "changed", "deleted"}), drop_data=None):
         self.ns = ns
         self.repo = repo
         self.prefix = prefix
@@ -65,6 +65,9 @@ class Importer:
         self.posix_metadata = posix_metadata
         self.on_changed = on_changed  # callback(ino) when an object's data changed in S3
         self.events = events  # which FSx import events apply (auto-import policy)
+        # drop_data(ino) empties a file's stripes on the OSTs, synchronously: called before
+        # a changed object's new ETag is committed, so no reader mixes two versions
+        self.drop_data = drop_data
         self.status = ImportStatus()
         self._cancel = threading.Event()
         self._dirs: dict[tuple, int] = {(): ROOT}
@@ -211,7 +214,11 @@ class Importer:
                 if parent is None:
                     self._skip(key, keys.TYPE_MISMATCH, "a parent path is a file")
                     continue
-                outcome = self._upsert_file(db, parent, mk.parts[-1], key, obj, meta, t, gen)
+                try:
+                    outcome = self._upsert_file(db, parent, mk.parts[-1], key, obj, meta, t, gen)
+                except (keys.KeyError_, S3Error) as e:
+                    self._skip(key, getattr(e, "code", "S3Error"), str(e))
+                    continue
                 if outcome is None:
                     self._skip(key, keys.TYPE_MISMATCH, "a directory has this file's name")
                 elif outcome == "new":
@@ -244,6 +251,8 @@ class Importer:
         if row is None:
             if "new" not in self.events:
                 return "unchanged"
+            if meta.is_symlink:
+                return self._new_symlink(db, parent, name, key, etag, meta, mtime, t, gen)
             lay = self._layout_for(size)
             cur = db.execute(
                 "INSERT INTO inodes(mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, "
@@ -256,6 +265,9 @@ class Importer:
                        (parent, name, cur.lastrowid))
             return "new"
         ino, old_mode, old_etag, old_size, flags = row
+        if stat.S_ISLNK(old_mode) and old_etag == etag:
+            db.execute("UPDATE inodes SET import_gen=? WHERE ino=?", (gen, ino))
+            return "unchanged"  # a symlink we exported
         if not stat.S_ISREG(old_mode):
             return None
         if old_etag == etag and old_size == size or "changed" not in self.events:
@@ -264,6 +276,8 @@ class Importer:
         if flags & hsm.EXISTS and not old_etag:
             return "unchanged"  # our own export in flight: not a change made in S3
         # S3 wins conflicts (FSx): the local copy becomes a released stub of the new object.
+        if self.drop_data:
+            self.drop_data(ino)
         lay = self._layout_for(size)
         sets = {"size": size, "etag": etag, "s3_size": size, "s3_key": key, "import_gen": gen,
                 "hsm": hsm.IMPORTED | (flags & (hsm.NORELEASE | hsm.NOARCHIVE)),
@@ -277,6 +291,20 @@ class Importer:
         db.execute(f"UPDATE inodes SET {', '.join(k + '=?' for k in sets)}, "
                    "data_version=data_version+1 WHERE ino=?", (*sets.values(), ino))
         return ino
+
+    def _new_symlink(self, db, parent, name, key, etag, meta, mtime, t, gen) -> str:
+        """FSx stores a symlink as an object whose body is the target (reference §4.7)."""
+        target = self.repo.get_object(key)
+        if not target or len(target) > 4096 or b"\0" in target:
+            raise keys.KeyError_(keys.NOT_POSIX, "symlink object with an unusable target")
+        cur = db.execute(
+            "INSERT INTO inodes(mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, "
+            "target, s3_key, etag, import_gen) VALUES (?,?,?,1,?,?,?,?,?,?,?,?)",
+            (stat.S_IFLNK | 0o777, meta.uid or 0, meta.gid or 0, len(target),
+             meta.atime_ns or mtime, mtime, t, target, key, etag, gen))
+        db.execute("INSERT INTO dentries(parent, name, ino) VALUES (?,?,?)",
+                   (parent, name, cur.lastrowid))
+        return "new"
 
     def _sweep_deleted(self, gen: int):
         """Objects gone from S3: remove clean imported files; empty dirs whose marker went."""

@@ -99,6 +99,7 @@ def format_time(ns: int) -> str:
 @dataclass
 class PosixMeta:
     mode: int | None = None  # permission bits only (type comes from the key)
+    is_symlink: bool = False  # file-permissions says 0120xxx: the body is the target
     uid: int | None = None
     gid: int | None = None
     atime_ns: int | None = None
@@ -115,8 +116,9 @@ def parse_metadata(meta: dict[str, str]) -> PosixMeta:
     perms = m.get("file-permissions")
     if perms:
         try:
-            # setuid/setgid are not imported (FSx)
-            out.mode = int(perms, 8) & 0o1777
+            value = int(perms, 8)
+            out.mode = value & 0o1777  # setuid/setgid are not imported (FSx)
+            out.is_symlink = stat.S_ISLNK(value)
         except ValueError:
             pass
     for name, attr in (("file-owner", "uid"), ("file-group", "gid")):
@@ -131,7 +133,7 @@ def parse_metadata(meta: dict[str, str]) -> PosixMeta:
 def format_metadata(mode: int, uid: int, gid: int, atime_ns: int, mtime_ns: int) -> dict:
     """The FSx export headers for an inode (boto3 ``Metadata`` form)."""
     return {
-        "file-permissions": f"{mode:07o}" if stat.S_ISREG(mode) else f"{mode:06o}",
+        "file-permissions": f"{mode:07o}" if stat.S_IFMT(mode) >= 0o100000 else f"{mode:06o}",
         "file-owner": str(uid),
         "file-group": str(gid),
         "file-atime": format_time(atime_ns),

@@ -460,17 +460,15 @@ class Mds:
 
     # -- import --------------------------------------------------------------
 
+    def drop_data(self, ino: int):
+        """Empty a file's stripes on every OST now (an import found its object changed)."""
+        for idx in sorted(self.osts):
+            self._ost_call(idx, "punch", ino=ino)
+
     def on_object_changed(self, ino: int):
         """An import found the object changed or deleted: drop stale stripes."""
-        if self.ns.nlink(ino) == 0:
-            if not self.is_open(ino):
-                self._destroy(ino)
-            return
-        st = self.ns.file_state(ino)
-        for idx in range(self.config["osts"]):
-            if idx in self.osts:
-                self.bg.submit(self._ost_call, idx, "punch", ino=ino)
-        del st
+        if self.ns.nlink(ino) == 0 and not self.is_open(ino):
+            self._destroy(ino)
 
     def h_import_start(self, peer, posix_metadata: bool = True, deletions: bool = True):
         if self.repo is None:
@@ -481,7 +479,7 @@ class Mds:
             self.importer = Importer(self.ns, self.repo, self.prefix,
                                      self.config["imported_file_chunk_size"],
                                      self.config["stripe_size"], posix_metadata,
-                                     self.on_object_changed)
+                                     self.on_object_changed, drop_data=self.drop_data)
             self.import_thread = threading.Thread(
                 target=self.importer.run, kwargs={"deletions": deletions},
                 name="import", daemon=True)
@@ -503,7 +501,8 @@ class Mds:
             if busy:
                 continue
             imp = Importer(self.ns, self.repo, self.prefix, self.config["imported_file_chunk_size"],
-                           self.config["stripe_size"], True, self.on_object_changed, events)
+                           self.config["stripe_size"], True, self.on_object_changed, events,
+                           self.drop_data)
             with self.lock:
                 self.importer = imp
             imp.run(deletions="deleted" in events)

@@ -194,6 +194,7 @@ class OstService:
         self.high = high_watermark  # ... and stops once free space >= high * total
         self.last_use: dict[int, float] = {}  # ino -> last time a client used it (LRU)
         self.evict_lock = threading.Lock()
+        self.ready = False  # set once registered with the MDS (and its S3 link is known)
         self.mds = mds
         self.repo = repo
         self.pool = ThreadPoolExecutor(hydrate_threads, thread_name_prefix="hydrate")
@@ -286,6 +287,8 @@ class OstService:
         lengths = [lay.chunk_length(s, desc["s3_size"]) for s in run]
         length = sum(lengths)
         if self.repo is None:
+            if not self.ready:  # still registering: the caller may try again
+                raise RpcError(errno.EAGAIN, f"OST {self.store.index} is starting")
             raise RpcError(errno.EIO, "this OST has no S3 repository")
         if not self.store.reserve(length):
             floor = int(self.high * self.store.total_bytes()) if self.high else 0
@@ -356,9 +359,10 @@ class OstService:
         """
         ino = desc["ino"]
         lay = Layout.from_dict(desc["layout"])
-        have = self.store.table(ino)
         futures: dict[int, Future] = {}
         with self.sf_lock:
+            # read under the lock: a fetch that lands meanwhile is in the table or in flight
+            have = self.store.table(ino)
             todo = []
             for s in sorted(set(chunks)):
                 if s in have:

@@ -316,7 +316,8 @@ class DataRepository:
 
         imp = Importer(self.ns, self.repo, self.mds.prefix,
                        self.mds.config["imported_file_chunk_size"],
-                       self.mds.config["stripe_size"], True, self.mds.on_object_changed)
+                       self.mds.config["stripe_size"], True, self.mds.on_object_changed,
+                       drop_data=self.mds.drop_data)
         st = imp.run(deletions=True)
         task["total"] = st.listed
         task["succeeded"] = st.new + st.changed + st.unchanged

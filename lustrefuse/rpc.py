@@ -277,9 +277,11 @@ class Client:
                 break
             except ConnectionError:
                 sock.close()
-                # an idle pooled connection whose server restarted: once more, afresh
+                # an idle pooled connection whose server restarted: the other idle ones are
+                # as dead, so drop them all and try once more on a new connection
                 if not (reused and attempt == 0 and not fds):
                     raise
+                self.close()
             except BaseException:
                 sock.close()
                 for fd in fds:
@@ -381,8 +383,10 @@ class TrioClient:
                     break
                 except _Stale as e:
                     e.sock.close()
-                    # an idle pooled connection whose server restarted: once more, afresh
+                    # an idle pooled connection whose server restarted: the other idle ones
+                    # are as dead, so drop them all and try once more on a new connection
                     if reused and attempt == 0 and not fds:
+                        self.close()
                         continue
                     raise RpcError(errno.EIO, f"{op}: {self.address}: {e.cause}") from None
             self._idle.append(sock)

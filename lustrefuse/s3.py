@@ -171,6 +171,15 @@ class Repository:
         self._count(gets=1, bytes_in=len(data))
         return data
 
+    def get_object(self, key: str) -> bytes:
+        """A whole (small) object, e.g. a symlink's target; the body is read inside the retry."""
+        def once():
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+        data = self._retry(f"get {key}", once)
+        self._count(gets=1, bytes_in=len(data))
+        return data
+
     def put_object(self, key: str, body: bytes, metadata: dict | None = None) -> str:
         resp = self._retry(f"put {key}", lambda: self.client.put_object(
             Bucket=self.bucket, Key=key, Body=body, Metadata=metadata or {}))

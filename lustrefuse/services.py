@@ -149,6 +149,7 @@ def run_ost(index: int, directory: str, mds_address: str, listen: str | None,
             time.sleep(0.1)
     if repo_cfg.get("bucket"):
         service.repo = Repository(repo_cfg["bucket"], endpoint_url or repo_cfg.get("endpoint_url"))
+    service.ready = True
     log.info("OST %d serving %s on %s", index, directory, server.address)
     sd_notify()
     stop = threading.Event()

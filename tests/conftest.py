@@ -13,12 +13,17 @@ Fixtures (other test files rely on exactly these names):
     A fresh, uniquely named, empty bucket; yields its name.
 ``make_fs`` (function)
     Factory ``make_fs(bucket, prefix="", osts=2, stripe_size="1M", extra_args=(),
-    objects=None) -> helpers.FS``. Puts ``objects`` (key -> bytes, or key ->
-    (bytes, metadata dict)) into the bucket, then runs ``lustrefuse up`` on a fresh
+    objects=None, up=True) -> helpers.FS``. Puts ``objects`` (key relative to
+    ``prefix`` -> bytes, or -> (bytes, metadata dict)) into the bucket, then (unless
+    ``up=False``: build the FS, start it yourself) runs ``lustrefuse up`` on a fresh
     mountpoint + data dir and returns an :class:`helpers.FS` with ``mnt``,
     ``data_dir``, ``bucket``, ``prefix``, ``endpoint``, ``s3`` and ``path(rel)``,
     ``stats()``, ``lfs(*args)``, ``request(action, *rel)``, ``info(rel)``, ``down()``,
-    ``up_again()``, ``pids()`` ... ``fs.after_up["stats"]`` is the stats snapshot taken
+    ``up_again()``, ``pids()``, ``hsm_flags(rel)``, ``total(name)``, ``wait_quiet()``,
+    ``log(name)`` ... ``stats()`` is the JSON ``lustrefuse stats --json`` prints, read
+    straight from the control file (``stats_cli()`` runs the command).
+    ``fs.imported`` is the import summary of the last ``up`` (listed/new/changed/deleted/
+    skipped). ``fs.after_up["stats"]`` is the stats snapshot taken
     right after ``up`` (before any test touched the mount). Teardown always cleans
     up, even after a failure: ``lustrefuse down``, then ``fusermount3 -u -z`` if
     still mounted, then SIGKILL for any pid ever listed in DATA_DIR/up.json (and any
@@ -28,6 +33,8 @@ Fixtures (other test files rely on exactly these names):
 ``fs`` (function)
     ``make_fs(bucket, objects=DEFAULT_OBJECTS)``: 2 OSTs, 1M stripes, a small tree
     (see ``DEFAULT_OBJECTS``).
+
+``new_bucket(s3)`` (a plain function here) makes a bucket for module-scoped fixtures.
 
 When a test fails, the tail of every DATA_DIR/log/*.log of the filesystems it
 used is attached to its report. AWS test credentials are set in ``os.environ``
