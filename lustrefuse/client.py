@@ -198,6 +198,8 @@ class Filesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent, name, ctx=None):
+        if len(name) > 255:  # the kernel leaves NAME_MAX to the filesystem
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if parent == pyfuse3.ROOT_INODE and name == CTL_NAME:
             return self._ctl_entry()
         return self._entry(await self.mds.call("lookup", parent=parent, name=bytes(name)))

@@ -334,3 +334,13 @@ def test_names_utf8_and_long(d):
     open(p, "w").write("u")
     assert name in os.listdir(d)
     raises(errno.ENAMETOOLONG, open, os.path.join(d, "y" * 256), "w")
+    for fn in (os.stat, os.unlink, os.rmdir):  # lookups refuse long names too (pjdfstest */02)
+        raises(errno.ENAMETOOLONG, fn, os.path.join(d, "z" * 256))
+
+
+def test_truncate_to_a_huge_size_is_instant(d):
+    p = os.path.join(d, "huge")
+    open(p, "w").close()
+    os.truncate(p, 999_999_999_999_999)  # pjdfstest truncate/12: 0 at once, as tmpfs
+    assert os.stat(p).st_size == 999_999_999_999_999
+    os.truncate(p, 0)
