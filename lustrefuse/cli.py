@@ -572,11 +572,11 @@ def status(paths, as_json):
         click.echo(json.dumps(rows, indent=1))
 
 
-def _mds_client(mountpoint: str, mds_address: str | None):
+def _mds_client(mountpoint: str, mds_address: str | None, secret_file: str | None = None):
     from . import rpc
 
     if mds_address:
-        return rpc.Client(mds_address)
+        return rpc.Client(mds_address, read_secret(secret_file, mds_address))
     dd = services.mount_data_dir(mountpoint)
     if dd is None:
         fail(f"{mountpoint} is not a lustrefuse mount (or give --mds ADDRESS)")
@@ -601,7 +601,8 @@ def _task_command(kind: str):
     @click.option("--older-than", type=float, help="release: only files not used for DAYS.")
     @click.option("--wait/--no-wait", default=True, show_default=True)
     @click.option("--mds", "mds_address", help="MDS address (default: from the mount).")
-    def cmd(mountpoint, paths, older_than, wait, mds_address):
+    @click.option("--secret-file", type=click.Path(), help="Shared secret for a tcp: MDS.")
+    def cmd(mountpoint, paths, older_than, wait, mds_address, secret_file):
         mp = os.path.abspath(mountpoint)
         rel = []
         for p in paths:
@@ -609,7 +610,7 @@ def _task_command(kind: str):
             if not (full + "/").startswith(mp + "/"):
                 fail(f"{p} is not under {mp}", 2)
             rel.append(os.path.relpath(full, mp) if full != mp else "")
-        c = _mds_client(mp, mds_address)
+        c = _mds_client(mp, mds_address, secret_file)
         from .protocol import RpcError
 
         try:

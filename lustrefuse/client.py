@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CTL_INO = 1 << 62
 HYDRATE_TIMEOUT = 300.0
+KEEPALIVE = 2.0  # seconds between session pings to the MDS
 PREFETCH_CHUNKS = 32  # sequential readers keep this many chunks in flight (4 GETs of 8 MiB)
 PASSTHROUGH_PREFIXES = (b"security.", b"system.")  # answered locally: no ACLs, no caps
 
@@ -140,16 +141,24 @@ class Filesystem(pyfuse3.Operations):
         nursery.start_soon(self._keepalive)
 
     async def _keepalive(self):
+        """Keep the MDS session; after an MDS restart, re-open our files there (replay), so
+        it neither frees unlinked-but-open files nor trims data we have not flushed yet."""
         while True:
-            await trio.sleep(5)
+            await trio.sleep(KEEPALIVE)
             try:
                 await self.session.call("ping", timeout=10)
+                continue
             except RpcError:
                 log.warning("lost the MDS session; reconnecting")
-                try:
-                    await self.session.call("hello", client=self.client_id, timeout=10)
-                except RpcError:
-                    pass
+            try:
+                await self.session.call("hello", client=self.client_id, timeout=10)
+                for of in list(self.files.values()):
+                    st = await self.mds.call("open", ino=of.ino, client=self.client_id,
+                                             writable=of.writable)
+                    of.handle = st["handle"]
+                log.info("MDS session restored; %d open files re-opened", len(self.files))
+            except RpcError as e:
+                log.warning("MDS session not restored yet: %s", e)
 
     async def _refresh_osts(self):
         cfg = await self.mds.call("config")

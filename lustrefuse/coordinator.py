@@ -209,6 +209,9 @@ class Coordinator:
                 state = "CANCELED" if rid in self.canceled else "SUCCEED"
                 self._finish(rid, state, moved=moved)
             except Exception as e:
+                if self._stop.is_set():  # shutting down: recover() re-queues it next time
+                    log.info("HSM %s of inode %d interrupted by shutdown", action, ino)
+                    continue
                 self.counters["requests_failed"] += 1
                 log.error("HSM %s of inode %d failed: %s", action, ino, e)
                 self._finish(rid, "FAILED", str(e))

@@ -29,6 +29,8 @@ from .s3 import Repository, S3Error
 
 log = logging.getLogger(__name__)
 
+REPLAY_GRACE = 30.0  # seconds clients have to re-open their files after an MDS restart
+
 class LockedError(SystemExit):
     pass
 
@@ -123,7 +125,7 @@ class Mds:
             self.clients.discard(client)
             gone = [h for h, (c, _i, _w) in self.opens.items() if c == client]
         for h in gone:
-            self._close(h)
+            self._close(h, clean=False)
         log.info("client %s disconnected; %d open files dropped", client, len(gone))
 
     def is_open(self, ino: int, writers_only: bool = False) -> bool:
@@ -134,6 +136,8 @@ class Mds:
 
     def h_open(self, peer, ino: int, client: str, writable: bool = False):
         st = self.ns.file_state(ino)
+        if writable:
+            self.ns.note_writer(ino, True)
         with self.lock:
             h = next(self._handles)
             self.opens[h] = (client, ino, writable)
@@ -144,18 +148,40 @@ class Mds:
     def h_file_state(self, peer, ino: int):
         return self.ns.file_state(ino)
 
-    def _close(self, handle: int):
+    def _close(self, handle: int, clean: bool = True):
         with self.lock:
             entry = self.opens.pop(handle, None)
             if entry is None:
                 return
-            ino = entry[1]
+            _client, ino, writable = entry
             self.open_count[ino] -= 1
             last = self.open_count[ino] == 0
             if last:
                 del self.open_count[ino]
+            writers_left = any(i == ino and w for _c, i, w in self.opens.values())
+        if writable and not clean:
+            self.trim(ino)  # the client died: what it never flushed is not the file's
+        if writable and not writers_left:
+            self.ns.note_writer(ino, False)
         if last and self.ns.nlink(ino) == 0:
             self._destroy(ino)
+
+    def trim(self, ino: int):
+        """Cut a file's OST objects to the size the MDS acknowledged (Lustre's orphan
+        cleanup after a client eviction): unflushed bytes past EOF must not reappear."""
+        try:
+            st = self.ns.file_state(ino)
+        except RpcError:
+            return
+        if not st["layout"]:
+            return
+        desc = {"ino": ino, "layout": st["layout"], "s3_key": st["s3_key"], "etag": st["etag"],
+                "s3_size": st["s3_size"] or 0, "size": st["size"]}
+        for idx in sorted(set(st["layout"]["osts"])):
+            try:  # after an MDS restart the OSTs may still be coming up: wait for them
+                self.coordinator.ost_call(idx, "truncate", desc=desc, size=st["size"])
+            except (OSError, RpcError) as e:
+                log.error("cannot trim inode %d on OST %d: %s", ino, idx, e)
 
     def h_close(self, peer, handle: int):
         self._close(handle)
@@ -526,7 +552,18 @@ class Mds:
         """After a restart: free orphans (nobody can hold them open any more)."""
         for ino in self.ns.orphans():
             self._destroy(ino)
+        left = self.ns.writers()  # open for write when the MDS stopped
+        if left:  # clients that are still alive re-open their files within the grace period
+            t = threading.Timer(REPLAY_GRACE, self._trim_unclaimed, [left])
+            t.daemon = True
+            t.start()
         self.coordinator.recover()
+
+    def _trim_unclaimed(self, inos: list[int]):
+        for ino in inos:
+            if not self.is_open(ino, writers_only=True):
+                self.trim(ino)
+                self.ns.note_writer(ino, False)
 
     def close(self):
         self._auto_import.set()

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS xattrs (
     PRIMARY KEY (ino, name)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS writers (ino INTEGER PRIMARY KEY);  -- open for write, for recovery
 CREATE TABLE IF NOT EXISTS hsm_requests (
     id INTEGER PRIMARY KEY,
     ino INTEGER NOT NULL,
@@ -366,6 +367,16 @@ class Namespace:
             db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
             db.execute("DELETE FROM hsm_requests WHERE ino=? AND state IN ('WAITING','STARTED')",
                        (ino,))
+
+    def note_writer(self, ino: int, open_: bool):
+        with self.tx() as db:
+            if open_:
+                db.execute("INSERT OR IGNORE INTO writers(ino) VALUES (?)", (ino,))
+            else:
+                db.execute("DELETE FROM writers WHERE ino=?", (ino,))
+
+    def writers(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT ino FROM writers")]
 
     def orphans(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT ino FROM inodes WHERE nlink<=0")]

@@ -188,6 +188,10 @@ class Server:
             return False
         if not hmac.compare_digest(answer, _mac(self.secret, nonce)):
             log.warning("refused a TCP client without the shared secret")
+            try:  # say why, so the client can tell a refusal from a network fault
+                sock.sendall(protocol.reply_err(errno.EACCES, "wrong or missing shared secret"))
+            except OSError:
+                pass
             return False
         sock.settimeout(None)
         return True

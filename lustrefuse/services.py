@@ -367,7 +367,8 @@ class Supervisor:
             r = unmount(self.mountpoint)
             if r.returncode != 0:
                 unmount(self.mountpoint, lazy=True)
-        order = ["mount"] + sorted(k for k in self.procs if k.startswith("ost")) + ["mds"]
+        # the MDS goes before the OSTs so that its coordinator never sees them vanish
+        order = ["mount", "mds"] + sorted(k for k in self.procs if k.startswith("ost"))
         for name in order:
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
