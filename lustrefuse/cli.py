@@ -299,6 +299,39 @@ def down(mountpoint, force, data_dir):
 # -- the parts ----------------------------------------------------------------
 
 @main.command()
+@click.argument("source")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--endpoint-url", help="S3 endpoint (default: boto3's usual sources).")
+@click.option("--osts", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--stripe-size", default=str(DEFAULT_STRIPE_SIZE),
+              callback=lambda c, p, v: size_option(v), help="Default stripe size.  [default: 1M]")
+@click.option("--imported-file-chunk-size", default=str(DEFAULT_IMPORTED_CHUNK_SIZE),
+              callback=lambda c, p, v: size_option(v), help="[default: 1G]")
+@click.option("--fsname", default="lustrefuse", show_default=True)
+def mkfs(source, data_dir, endpoint_url, osts, stripe_size, imported_file_chunk_size, fsname):
+    """Create a filesystem's DATA_DIR for SOURCE (s3://BUCKET[/PREFIX]) without starting it,
+    for hosts that run `mds`, `ost` and `mount` as services (systemd). Import with
+    `lustrefuse task import` once the services run."""
+    from . import keys
+    from .mds import check_repository, load_or_init_config
+
+    try:
+        bucket, prefix = keys.parse_s3_url(source)
+    except ValueError as e:
+        fail(str(e), 2)
+    if stripe_size % (64 * 1024):
+        fail("--stripe-size must be a multiple of 64K", 2)
+    if os.path.exists(os.path.join(data_dir, "fs.json")):
+        fail(f"{data_dir} already holds a filesystem")
+    config = {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
+              "stripe_size": stripe_size, "imported_file_chunk_size": imported_file_chunk_size,
+              "fsname": fsname}
+    check_repository(config)
+    load_or_init_config(os.path.abspath(data_dir), config)
+    click.echo(f"lustrefuse: created {data_dir} for {source} ({osts} OSTs)")
+
+
+@main.command()
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--listen", help="unix:PATH or tcp:HOST:PORT (default unix:DATA_DIR/mds.sock)")
 @click.option("--secret-file", type=click.Path(), help="Shared secret for TCP listeners.")

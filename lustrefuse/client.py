@@ -447,12 +447,13 @@ class Filesystem(pyfuse3.Operations):
         fh = self._register(of)
         return pyfuse3.FileInfo(fh=fh), self._entry(a)
 
-    async def _hydrate(self, of: OpenFile, idx: int, chunks: list[int]):
+    async def _hydrate(self, of: OpenFile, idx: int, chunks: list[int], prefetch: bool = False):
         ost = await self.ost(idx)
         async with self.hydrate_limit:
             for attempt in range(50):  # an OST that is still starting answers EAGAIN
                 try:
-                    got = await ost.call("hydrate", desc=of.desc, chunks=chunks)
+                    got = await ost.call("hydrate", desc=of.desc, chunks=chunks,
+                                         prefetch=prefetch)
                     break
                 except RpcError as e:
                     if e.errno != errno.EAGAIN or attempt == 49:
@@ -466,7 +467,7 @@ class Filesystem(pyfuse3.Operations):
     async def _prefetch_from(self, of: OpenFile, idx: int, chunks: list[int]):
         """A background task: it must never raise, or it would take the mount down."""
         try:
-            await self._hydrate(of, idx, chunks)
+            await self._hydrate(of, idx, chunks, prefetch=True)
             self.counters.add("prefetched_chunks", len(chunks))
         except Exception as e:
             log.info("prefetch of inode %d chunks %s from OST %d failed: %s", of.ino, chunks,
@@ -538,6 +539,26 @@ class Filesystem(pyfuse3.Operations):
             if checksum(data) != ent[1]:
                 raise pyfuse3.FUSEError(errno.EIO)
         of.cache = (s, data)
+        of.verified.add(s)
+        return data
+
+    def _verified_range(self, of: OpenFile, s: int, idx: int, obj_off: int, n: int):
+        """Bytes of a chunk already checked in this open: read just the range asked for
+        (random 4 KiB reads must not re-read and re-hash a whole stripe). None if the
+        chunk is not verified here or its bytes went away (released meanwhile)."""
+        if of.cache[0] == s:
+            within = obj_off - of.layout.chunk_object_offset(s)
+            return of.cache[1][within:within + n]
+        fd = of.fds.get(idx)
+        if s not in of.verified or fd is None:
+            return None
+        length = of.tables[idx][s][0]
+        want = max(0, min(n, of.layout.chunk_object_offset(s) + length - obj_off))
+        data = os.pread(fd, want, obj_off) if want else b""
+        if len(data) < want:  # punched under us: verify (and fetch) afresh
+            of.verified.discard(s)
+            return None
+        self.counters.add("bytes_from_ost", len(data))
         return data
 
     async def _read_object(self, of: OpenFile, idx: int, offset: int, length: int) -> bytes:
@@ -566,15 +587,17 @@ class Filesystem(pyfuse3.Operations):
         sequential = of.seq_reads >= 2
         of.next_seq = end
         out = []
-        for s, _idx, obj_off, n in of.layout.pieces(off, end - off):
-            if sequential:
-                self._maybe_prefetch(of, s)
-            data = await self._chunk(of, s)
-            within = obj_off - of.layout.chunk_object_offset(s)
-            piece = data[within:within + n]
+        for s, idx, obj_off, n in of.layout.pieces(off, end - off):
+            piece = self._verified_range(of, s, idx, obj_off, n)
+            if piece is None:
+                data = await self._chunk(of, s)
+                within = obj_off - of.layout.chunk_object_offset(s)
+                piece = data[within:within + n]
             if len(piece) < n:
                 piece += bytes(n - len(piece))
             out.append(piece)
+            if sequential:  # after the data this read waits for, not before
+                self._maybe_prefetch(of, s)
         self.counters.add("bytes_read", end - off)
         return b"".join(out) if len(out) > 1 else out[0]
 
@@ -588,8 +611,11 @@ class Filesystem(pyfuse3.Operations):
                                  data=bytes(buf[pos:pos + n]))
             of.tables.setdefault(idx, {})[s] = tuple(ent)
             of.written.add(s)
-            if of.cache[0] == s:
-                of.cache = (-1, b"")
+            for f in self.files.values():
+                if f.ino == of.ino:
+                    f.verified.discard(s)
+                    if f.cache[0] == s:
+                        f.cache = (-1, b"")
             pos += n
         of.size = max(of.size, off + len(buf))
         of.dirty = True

@@ -883,6 +883,9 @@ def parse_find_args(argv: list[str], now: float | None = None):
         if arg == "!":
             negate = True
             continue
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2 and \
+                "-" + arg.partition("=")[0] in {**_FIND_VALUE_OPTS, **_FIND_FLAGS}:
+            arg = "-" + arg  # getopt_long_only, as Lustre: -type f is --type f
         if arg.startswith("--"):
             name, eq, inline = arg.partition("=")
         elif arg[:2] in _FIND_VALUE_OPTS and len(arg) > 2:  # getopt's "-nNAME"

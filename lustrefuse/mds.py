@@ -89,6 +89,8 @@ class Mds:
         return c
 
     def h_register_ost(self, peer, index: int, address: str):
+        if address.startswith("tcp:0.0.0.0:") and peer.host:  # listening on every address:
+            address = f"tcp:{peer.host}:{address.rsplit(':', 1)[1]}"  # advertise the one we see
         if not 0 <= index < self.config["osts"]:
             raise RpcError(errno.EINVAL, f"OST index {index} is outside 0..{self.config['osts'] - 1}")
         with self.lock:
@@ -439,8 +441,8 @@ class Mds:
         if not stat.S_ISREG(st["mode"]):
             raise RpcError(errno.EINVAL, "not a regular file")
         try:
-            if not hsm.release_check(st["hsm"]):
-                return 0
+            if not hsm.release_check(st["hsm"]) and not st["present"]:
+                return 0  # released and nothing local: a no-op, as Lustre
         except hsm.HsmError as e:
             raise RpcError(e.errno, str(e)) from None
         deadline = time.monotonic() + wait_open

@@ -198,6 +198,9 @@ class OstService:
         self.mds = mds
         self.repo = repo
         self.pool = ThreadPoolExecutor(hydrate_threads, thread_name_prefix="hydrate")
+        # prefetch has its own threads so a reader's GET never queues behind read-ahead
+        self.prefetch_pool = ThreadPoolExecutor(max(2, hydrate_threads // 2),
+                                                thread_name_prefix="prefetch")
         self.inflight: dict[tuple[int, int], Future] = {}
         self.sf_lock = threading.Lock()
         self.reports: queue.Queue = queue.Queue()
@@ -351,7 +354,8 @@ class OstService:
                 for s in run:
                     self.inflight.pop((desc["ino"], s), None)
 
-    def hydrate(self, desc: dict, chunks: list[int], wait: bool = True) -> dict:
+    def hydrate(self, desc: dict, chunks: list[int], wait: bool = True,
+                prefetch: bool = False) -> dict:
         """Make ``chunks`` present; returns ``{s: (length, xxh)}`` for them.
 
         Missing chunks that follow each other in the file and in this object (a
@@ -380,8 +384,9 @@ class OstService:
                     runs[-1].append(s)
                 else:
                     runs.append([s])
+            pool = self.prefetch_pool if prefetch else self.pool
             for run in runs:
-                fut = self.pool.submit(self._hydrate_run, desc, run)
+                fut = pool.submit(self._hydrate_run, desc, run)
                 for s in run:
                     self.inflight[(ino, s)] = fut
                     futures[s] = fut
@@ -408,9 +413,10 @@ class OstService:
     def h_table(self, peer, ino: int):
         return self.store.table(ino)
 
-    def h_hydrate(self, peer, desc: dict, chunks: list, wait: bool = True):
+    def h_hydrate(self, peer, desc: dict, chunks: list, wait: bool = True,
+                  prefetch: bool = False):
         self._touch(desc["ino"])
-        return self.hydrate(desc, [int(s) for s in chunks], wait)
+        return self.hydrate(desc, [int(s) for s in chunks], wait, prefetch)
 
     def h_read(self, peer, ino: int, offset: int, length: int):
         """Read object bytes for a client without a local descriptor (remote hosts)."""
@@ -497,7 +503,9 @@ class OstService:
             except FileNotFoundError:
                 return {}
             try:
-                os.ftruncate(fd, lay.object_size(pos, size))
+                keep = lay.object_size(pos, size)
+                if os.fstat(fd).st_size > keep:  # only cut: growth is a hole, read as zeros
+                    os.ftruncate(fd, keep)
                 edge = size // lay.stripe_size
                 if edge in table and size % lay.stripe_size:
                     n = min(table[edge][0], size % lay.stripe_size)
@@ -543,3 +551,4 @@ class OstService:
     def close(self):
         self._stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.prefetch_pool.shutdown(wait=False, cancel_futures=True)

@@ -95,6 +95,7 @@ class Peer:
 
     conn_id: int
     uid: int | None = None  # from SO_PEERCRED on Unix sockets
+    host: str | None = None  # the peer's address on TCP
     state: dict = field(default_factory=dict)
 
 
@@ -155,8 +156,10 @@ class Server:
             if sock.family == socket.AF_UNIX:
                 creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
                 peer.uid = int.from_bytes(creds[4:8], "little")
-            elif not self._authenticate(sock):
-                return
+            else:
+                peer.host = sock.getpeername()[0]
+                if not self._authenticate(sock):
+                    return
             while True:
                 try:
                     msg = read_frame(sock, server=True)
