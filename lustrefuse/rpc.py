@@ -129,6 +129,12 @@ class Server:
                 self._srv = base(where, Handler)
             finally:
                 os.umask(old)
+            group = os.environ.get("LUSTREFUSE_SOCKET_GROUP")
+            if group:  # members of this group may use the socket too
+                import grp
+
+                os.chown(where, -1, grp.getgrnam(group).gr_gid)
+                mode |= 0o060
             os.chmod(where, mode)
         else:
             base = type("TcpServer", (socketserver.ThreadingTCPServer,),

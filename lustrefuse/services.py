@@ -38,8 +38,22 @@ def sd_notify(message: str = "READY=1"):
         s.sendall(message.encode())
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (LUSTREFUSE_LOG_FORMAT=json), for log shippers."""
+
+    def format(self, record):
+        out = {"time": self.formatTime(record), "level": record.levelname.lower(),
+               "logger": record.name, "pid": record.process, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 def setup_logging(level: str = "info", path: str | None = None):
     handlers = [logging.FileHandler(path)] if path else [logging.StreamHandler()]
+    if os.environ.get("LUSTREFUSE_LOG_FORMAT") == "json":
+        for h in handlers:
+            h.setFormatter(JsonFormatter())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
                         force=True)

@@ -26,13 +26,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_mds(data_dir, *extra):
+def _start_mds(data_dir, *extra, env=None):
     os.makedirs(data_dir, exist_ok=True)
     with open(os.path.join(data_dir, "fs.json"), "w") as f:
         json.dump({"osts": 1, "stripe_size": 1 << 20, "imported_file_chunk_size": 1 << 30}, f)
     log = open(os.path.join(data_dir, "mds.log"), "wb")
     proc = subprocess.Popen([sys.executable, "-m", "lustrefuse", "mds", "--data-dir", str(data_dir),
-                             *extra], stdout=log, stderr=subprocess.STDOUT)
+                             *extra], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     log.close()
     return proc
 
@@ -146,3 +147,23 @@ def test_second_mds_on_the_same_directory_refuses(mds, tmp_path):
                             str(tmp_path / "dd")], capture_output=True, text=True, timeout=30)
     assert proc2.returncode != 0
     assert "another MDS is already running" in proc2.stderr + proc2.stdout
+
+
+def test_socket_group_and_json_logs(tmp_path):
+    import grp
+    import json as json_mod
+
+    proc = _start_mds(tmp_path / "dd", env={"LUSTREFUSE_SOCKET_GROUP": "nogroup",
+                                             "LUSTREFUSE_LOG_FORMAT": "json"})
+    try:
+        sock = tmp_path / "dd" / "mds.sock"
+        _wait(rpc.Client(f"unix:{sock}", timeout=5), proc)
+        st = os.stat(sock)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == grp.getgrnam("nogroup").gr_gid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    lines = [ln for ln in (tmp_path / "dd" / "mds.log").read_text().splitlines() if ln.strip()]
+    records = [json_mod.loads(ln) for ln in lines]
+    assert any("MDS serving" in r["message"] and r["level"] == "info" for r in records)
