@@ -175,3 +175,4 @@ def test_make_layout():
     assert make_layout(StripeSpec(ost_list=(2, 0)), 4, 1) == Layout(MiB, (2, 0))
     spec = StripeSpec(stripe_count=2).merged_over(StripeSpec(2 * MiB, 4, 1))
     assert spec == StripeSpec(2 * MiB, 2, 1, ())
+
