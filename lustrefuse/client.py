@@ -103,8 +103,7 @@ class Counters(dict):
     """The client's counters, for ``lustrefuse stats`` and Prometheus alike."""
 
     def add(self, name: str, n: int = 1):
-        self[name] = self.get(name, 0) + n
-        REGISTRY.inc("client_" + name, n)
+        self[name] = self.get(name, 0) + n  # exported at scrape time (services.run_mount)
 
 
 class Filesystem(pyfuse3.Operations):

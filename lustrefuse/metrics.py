@@ -55,9 +55,10 @@ class Registry:
             h[-2] += seconds
             h[-1] += 1
 
-    def gauge(self, name: str, fn: Callable[[], dict], help: str = ""):
-        """``fn`` returns ``{labels_tuple_or_(): value}`` when scraped."""
-        self.help[name] = ("gauge", help)
+    def gauge(self, name: str, fn: Callable[[], dict], help: str = "", kind: str = "gauge"):
+        """``fn`` returns ``{labels_tuple_or_(): value}`` when scraped. With kind="counter"
+        it exposes a count kept elsewhere (no work on the hot path, only at scrape)."""
+        self.help[name] = (kind, help)
         self.gauges[name] = fn
 
     def time(self, name: str, help: str = "", **labels):
@@ -104,8 +105,9 @@ class Registry:
             except Exception:
                 continue
             header(name)
+            suffix = "_total" if self.help[name][0] == "counter" else ""
             for labels, value in values.items():
-                out.append(f"{self.prefix}_{name}{_labels(dict(labels))} {value:g}")
+                out.append(f"{self.prefix}_{name}{suffix}{_labels(dict(labels))} {value:g}")
         return "\n".join(out) + "\n"
 
 

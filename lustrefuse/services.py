@@ -219,6 +219,13 @@ def run_mount(mds_address: str, mountpoint: str, secret: bytes | None, attr_time
         return {(): c.get("chunk_hits", 0) / total if total else 1.0}
 
     start_metrics(metrics, {"chunk_hit_ratio": (hit_ratio, "reads served by local chunks")})
+    if metrics:
+        from .metrics import REGISTRY
+
+        for name in ("reads", "bytes_read", "bytes_written", "bytes_from_ost", "hydrate_calls",
+                     "prefetched_chunks", "chunk_hits", "chunk_misses", "checksum_failures"):
+            REGISTRY.gauge("client_" + name, lambda n=name: {(): fs.counters.get(n, 0)},
+                           f"client {name.replace('_', ' ')}", kind="counter")
     log.info("mounting %s on %s", mds_address, mountpoint)
     try:
         trio.run(serve, fs, mountpoint, opts, ready)
