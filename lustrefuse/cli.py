@@ -63,6 +63,23 @@ def main():
 
 # -- up / down ----------------------------------------------------------------
 
+def _new_config(source, endpoint_url, osts, stripe_size, chunk_size, fsname) -> dict:
+    """A filesystem's fixed settings from `up`/`mkfs` arguments (exit 2 on bad ones)."""
+    from . import keys
+
+    try:
+        bucket, prefix = keys.parse_s3_url(source)
+    except ValueError as e:
+        fail(str(e), 2)
+    if stripe_size % (64 * 1024):
+        fail("--stripe-size must be a multiple of 64K", 2)
+    if not (fsname.isalnum() and fsname.isascii() and 0 < len(fsname) <= 10):
+        fail("--fsname takes 1 to 10 letters or digits", 2)
+    return {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
+            "stripe_size": stripe_size, "imported_file_chunk_size": chunk_size,
+            "fsname": fsname}
+
+
 def _check_mountpoint(mp: str):
     if not os.path.exists(mp):
         fail(f"mountpoint {mp} does not exist")
@@ -139,18 +156,11 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
     one directory per OST) and imports the bucket listing as metadata-only stubs;
     later runs keep hydrated data and HSM state and import what changed.
     """
-    from . import keys
     from .mds import check_repository, load_or_init_config
-
-    try:
-        bucket, prefix = keys.parse_s3_url(source)
-    except ValueError as e:
-        fail(str(e), 2)
-    if stripe_size % (64 * 1024):
-        fail("--stripe-size must be a multiple of 64K", 2)
-    if not (fsname.isalnum() and fsname.isascii() and 0 < len(fsname) <= 10):
-        fail("--fsname takes 1 to 10 letters or digits", 2)
     from .repository import parse_policy
+
+    config = _new_config(source, endpoint_url, osts, stripe_size, imported_file_chunk_size,
+                         fsname)
 
     for flag, value in (("--auto-export", auto_export), ("--auto-import", auto_import)):
         try:
@@ -158,7 +168,7 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
         except ValueError as e:
             fail(f"{flag}: {e}", 2)
     mountpoint = os.path.abspath(mountpoint)
-    data_dir = os.path.abspath(data_dir or default_data_dir(bucket))
+    data_dir = os.path.abspath(data_dir or default_data_dir(config["bucket"]))
     state = services.supervisor_alive(data_dir)
     if state and state.get("mountpoint") == mountpoint and services.is_mounted(mountpoint):
         os.kill(state["supervisor"], signal.SIGHUP)  # restart parts that died
@@ -171,11 +181,9 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
              f"{state.get('mountpoint')}")
     _clean_stale(data_dir, mountpoint)
     _check_mountpoint(mountpoint)
-    config = {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
-              "stripe_size": stripe_size, "imported_file_chunk_size": imported_file_chunk_size,
-              "fsname": fsname, "auto_export": auto_export, "auto_import": auto_import,
-              "auto_import_interval": auto_import_interval, "capacity": ost_capacity,
-              "low_watermark": low_watermark, "high_watermark": high_watermark}
+    config.update({"auto_export": auto_export, "auto_import": auto_import,
+                   "auto_import_interval": auto_import_interval, "capacity": ost_capacity,
+                   "low_watermark": low_watermark, "high_watermark": high_watermark})
     check_repository(config)
     config = load_or_init_config(data_dir, config)
     args = {"posix_metadata": not no_posix_metadata, "import": not no_import,
@@ -312,20 +320,12 @@ def mkfs(source, data_dir, endpoint_url, osts, stripe_size, imported_file_chunk_
     """Create a filesystem's DATA_DIR for SOURCE (s3://BUCKET[/PREFIX]) without starting it,
     for hosts that run `mds`, `ost` and `mount` as services (systemd). Import with
     `lustrefuse task import` once the services run."""
-    from . import keys
     from .mds import check_repository, load_or_init_config
 
-    try:
-        bucket, prefix = keys.parse_s3_url(source)
-    except ValueError as e:
-        fail(str(e), 2)
-    if stripe_size % (64 * 1024):
-        fail("--stripe-size must be a multiple of 64K", 2)
+    config = _new_config(source, endpoint_url, osts, stripe_size, imported_file_chunk_size,
+                         fsname)
     if os.path.exists(os.path.join(data_dir, "fs.json")):
         fail(f"{data_dir} already holds a filesystem")
-    config = {"bucket": bucket, "prefix": prefix, "endpoint_url": endpoint_url, "osts": osts,
-              "stripe_size": stripe_size, "imported_file_chunk_size": imported_file_chunk_size,
-              "fsname": fsname}
     check_repository(config)
     load_or_init_config(os.path.abspath(data_dir), config)
     click.echo(f"lustrefuse: created {data_dir} for {source} ({osts} OSTs)")

@@ -265,6 +265,20 @@ def _connect(address: str, secret: bytes | None, timeout: float) -> socket.socke
     return sock
 
 
+def _result(msg, fds: list[int], want_fds: bool):
+    """A reply's result (or its RpcError); descriptors go to the caller only if asked for."""
+    try:
+        result = protocol.parse_reply(msg)
+    except RpcError:
+        want_fds = False
+        raise
+    finally:
+        if not want_fds:
+            for fd in fds:
+                os.close(fd)
+    return (result, fds) if want_fds else result
+
+
 class Client:
     """A blocking client with a small connection pool; safe to share between threads."""
 
@@ -302,17 +316,7 @@ class Client:
                 raise
         with self._lock:
             self._idle.append(sock)
-        try:
-            result = protocol.parse_reply(msg)
-        except RpcError:
-            for fd in fds:
-                os.close(fd)
-            raise
-        if want_fds:
-            return result, fds
-        for fd in fds:
-            os.close(fd)
-        return result
+        return _result(msg, fds, want_fds)
 
     def close(self):
         with self._lock:
@@ -403,17 +407,7 @@ class TrioClient:
                         continue
                     raise RpcError(errno.EIO, f"{op}: {self.address}: {e.cause}") from None
             self._idle.append(sock)
-        try:
-            result = protocol.parse_reply(protocol.decode(body))
-        except RpcError:
-            for fd in fds:
-                os.close(fd)
-            raise
-        if want_fds:
-            return result, fds
-        for fd in fds:
-            os.close(fd)
-        return result
+        return _result(protocol.decode(body), fds, want_fds)
 
     async def _exchange(self, sock, op: str, args: dict, fds: list, timeout: float | None):
         trio = self._trio
