@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     s INTEGER NOT NULL,          -- file-wide stripe chunk number
     length INTEGER NOT NULL,     -- bytes of the chunk held in the object
     xxh INTEGER NOT NULL,        -- xxh3_64 of those bytes (signed 64-bit in SQLite)
+    pending_length INTEGER,      -- an overwrite in progress: what the chunk becomes if it
+    pending_xxh INTEGER,         -- lands (a crash between write and record leaves either)
     PRIMARY KEY (ino, s)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -98,7 +100,8 @@ class ObjectStore:
                 old = self.db.execute("SELECT length FROM chunks WHERE ino=? AND s=?",
                                       (ino, s)).fetchone()
                 self.used += n - (old[0] if old else 0)
-                self.db.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?)", (ino, s, n, x))
+                self.db.execute("INSERT OR REPLACE INTO chunks(ino, s, length, xxh) "
+                                "VALUES (?,?,?,?)", (ino, s, n, x))
             self.db.execute("COMMIT")
 
     def forget(self, ino: int, chunks: list[int] | None = None):
@@ -115,6 +118,17 @@ class ObjectStore:
                     if row:
                         self.used -= row[0]
                         self.db.execute("DELETE FROM chunks WHERE ino=? AND s=?", (ino, s))
+
+    def set_pending(self, ino: int, s: int, length: int, xxh: int):
+        with self.lock:
+            self.db.execute("UPDATE chunks SET pending_length=?, pending_xxh=? WHERE ino=? AND s=?",
+                            (length, xxh, ino, s))
+
+    def pending(self, ino: int, s: int):
+        with self.lock:
+            row = self.db.execute("SELECT pending_length, pending_xxh FROM chunks WHERE ino=? "
+                                  "AND s=? AND pending_xxh IS NOT NULL", (ino, s)).fetchone()
+        return row
 
     def free_bytes(self) -> int:
         """Room left for chunks: the configured capacity or the disk, whichever is tighter."""
@@ -431,6 +445,14 @@ class OstService:
         self._count("bytes_served", len(data))
         return data
 
+    def _pread(self, ino: int, offset: int, length: int) -> bytes:
+        fd = self.store.open(ino, True)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        return data + bytes(length - len(data))  # holes at the object's end read short
+
     def h_verify(self, peer, desc: dict, s: int, refetch: bool):
         """Check one chunk against its checksum; refetch it from S3 when allowed."""
         ino = desc["ino"]
@@ -438,19 +460,26 @@ class OstService:
         if row is not None:
             length, xxh = row
             lay = Layout.from_dict(desc["layout"])
-            fd = self.store.open(ino, True)
-            try:
-                data = os.pread(fd, length, lay.chunk_object_offset(s))
-            finally:
-                os.close(fd)
+            data = self._pread(ino, lay.chunk_object_offset(s), length)
             if len(data) == length and checksum(data) == xxh:
                 return (length, xxh)
+            pending = self.store.pending(ino, s)
+            if pending:  # a write that landed just before a crash: its record did not
+                n, x = pending
+                data = self._pread(ino, lay.chunk_object_offset(s), n)
+                if checksum(data) == x:
+                    self.store.record(ino, [(s, n, x)])
+                    log.info("inode %d chunk %d: completed an interrupted write", ino, s)
+                    return (n, x)
             self._count("verify_failures")
             log.error("checksum mismatch: inode %d chunk %d on OST %d (object offset %d)",
                       ino, s, self.store.index, lay.chunk_object_offset(s))
+            if not refetch:  # no clean copy: keep failing (EIO), never serve zeros instead
+                raise RpcError(errno.EIO, f"chunk {s} of inode {ino} is corrupt and has no "
+                               "clean copy in S3")
             self.store.forget(ino, [s])
         if not refetch:
-            raise RpcError(errno.EIO, f"chunk {s} of inode {ino} is corrupt and has no "
+            raise RpcError(errno.EIO, f"chunk {s} of inode {ino} is missing and has no "
                            "clean copy in S3")
         self._count("refetched")
         return self.hydrate(desc, [s])[s]
@@ -474,16 +503,20 @@ class OstService:
         if growth and self.store.capacity:
             self.store.unreserve(growth)  # the record below accounts for it
         self._touch(ino)
+        length = max(old_len, offset + len(data) - base)
         fd = self.store.open(ino, True)
         try:
+            # the chunk as it will be, checksummed before the write: if we die between the
+            # write and the record, the chunk matches either the old or the pending checksum
+            chunk = bytearray(os.pread(fd, old_len, base))
+            chunk.extend(bytes(length - len(chunk)))  # holes read short
+            chunk[offset - base:offset - base + len(data)] = data
+            entry = (s, length, checksum(chunk))
+            if row is not None:
+                self.store.set_pending(ino, s, length, entry[2])
             os.pwrite(fd, data, offset)
-            length = max(old_len, offset + len(data) - base)
-            chunk = os.pread(fd, length, base)
         finally:
             os.close(fd)
-        if len(chunk) < length:  # a hole at the object's end reads short
-            chunk += bytes(length - len(chunk))
-        entry = (s, length, checksum(chunk))
         self.store.record(ino, [entry])
         self._count("bytes_written", len(data))
         return entry[1:]
