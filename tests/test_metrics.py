@@ -17,8 +17,29 @@ def value(text: str, prefix: str) -> float:
                if line.startswith(prefix))
 
 
+def free_port_run(n: int) -> int:
+    """A port P with P..P+n-1 all free (MDS, mount and each OST take one)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
 def test_metrics_report_requests_latency_s3_bytes_and_fill(make_fs, bucket):
-    port = free_port()
+    port = free_port_run(4)
     body = data(3 * MiB, "metrics")
     fs = make_fs(bucket, objects={"m.bin": body}, osts=2,
                  extra_args=("--metrics-port", str(port)))

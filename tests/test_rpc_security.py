@@ -158,6 +158,10 @@ def test_socket_group_and_json_logs(tmp_path):
     try:
         sock = tmp_path / "dd" / "mds.sock"
         _wait(rpc.Client(f"unix:{sock}", timeout=5), proc)
+        log = tmp_path / "dd" / "mds.log"
+        deadline = time.monotonic() + 20  # the line is written just after the socket answers
+        while b"MDS serving" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
         st = os.stat(sock)
         assert stat.S_IMODE(st.st_mode) == 0o660
         assert st.st_gid == grp.getgrnam("nogroup").gr_gid
