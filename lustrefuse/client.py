@@ -821,9 +821,6 @@ class Filesystem(pyfuse3.Operations):
     async def forget(self, inode_list):
         return
 
-    def stacktrace(self):
-        pass
-
 
 def invalidate_attrs(ino: int):
     try:

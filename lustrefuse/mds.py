@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import hsm, keys, rpc
+from . import hsm, rpc
 from .coordinator import Coordinator
 from .importer import Importer
 from .layout import Layout, LayoutError, StripeSpec, format_fid, parse_fid
@@ -73,7 +73,6 @@ class Mds:
         self.bg = ThreadPoolExecutor(4, thread_name_prefix="mds-bg")
         self.coordinator = Coordinator(self)
         self.datarepo = DataRepository(self)
-        self.counters = {"ops": 0}
         self._auto_import = threading.Event()
 
     # -- OSTs --------------------------------------------------------------
@@ -428,8 +427,7 @@ class Mds:
         self.ns.set_hsm(ino, new, aid)
         return new
 
-    def h_hsm_request(self, peer, action: str, inos: list, uid: int = 0, gid: int = 0,
-                      archive_id: int = 0, may_write: bool = True):
+    def h_hsm_request(self, peer, action: str, inos: list, uid: int = 0, archive_id: int = 0):
         return self.coordinator.request(action, [int(i) for i in inos], uid, archive_id)
 
     def h_hsm_list(self, peer, all: bool = False):
@@ -580,10 +578,6 @@ def check_repository(config: dict):
         repo.check_bucket()
     except S3Error as e:
         raise SystemExit(f"lustrefuse: cannot use s3://{config['bucket']}: {e}") from None
-
-
-def parse_key_prefix(url: str) -> tuple[str, str]:
-    return keys.parse_s3_url(url)
 
 
 def load_or_init_config(data_dir: str, given: dict) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sqlite3
 import stat
 import threading
@@ -614,7 +613,3 @@ class Namespace:
     def close(self):
         with self.lock:
             self.db.close()
-
-    @staticmethod
-    def exists(path: str) -> bool:
-        return os.path.exists(path)
