@@ -135,6 +135,9 @@ def _progress_printer():
               help="Seconds between auto-import sweeps.  [default: 60]")
 @click.option("--ost-capacity", default=None, callback=lambda c, p, v: size_option(v) if v else None,
               help="Bytes each OST may hold (default: its whole disk).")
+@click.option("--hydrate-budget", default=None, callback=lambda c, p, v: size_option(v) if v else None,
+              help="Bytes of S3 GETs each OST keeps in flight at most (demand reads, "
+              "prefetch and restores share it; bounds OST memory).  [default: 64M]")
 @click.option("--low-watermark", type=click.FloatRange(0, 1), default=None,
               help="Auto-release LRU files when an OST's free fraction falls under this.")
 @click.option("--high-watermark", type=click.FloatRange(0, 1), default=None,
@@ -149,7 +152,8 @@ def _progress_printer():
               type=click.Choice(["debug", "info", "warning", "error"]))
 def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_file_chunk_size,
        fsname, no_posix_metadata, no_import, auto_export, auto_import, auto_import_interval, ost_capacity,
-       low_watermark, high_watermark, foreground, attr_timeout, options, metrics_port, log_level):
+       hydrate_budget, low_watermark, high_watermark, foreground, attr_timeout, options, metrics_port,
+       log_level):
     """Create or reopen a filesystem over S3 and mount it.
 
     SOURCE is s3://BUCKET[/PREFIX]. The first run creates DATA_DIR (MDS database,
@@ -183,6 +187,7 @@ def up(source, mountpoint, endpoint_url, data_dir, osts, stripe_size, imported_f
     _check_mountpoint(mountpoint)
     config.update({"auto_export": auto_export, "auto_import": auto_import,
                    "auto_import_interval": auto_import_interval, "capacity": ost_capacity,
+                   "hydrate_budget": hydrate_budget,
                    "low_watermark": low_watermark, "high_watermark": high_watermark})
     check_repository(config)
     config = load_or_init_config(data_dir, config)
@@ -355,6 +360,10 @@ def mds(data_dir, listen, secret_file, metrics, log_level, log_file):
 @click.option("--endpoint-url", help="Override the S3 endpoint the MDS announces.")
 @click.option("--capacity", default="0", callback=lambda c, p, v: size_option(v),
               help="Bytes this OST may hold (0: the whole disk).")
+@click.option("--hydrate-budget", default="64M", show_default=True,
+              callback=lambda c, p, v: size_option(v),
+              help="Bytes of S3 GETs in flight at most (demand reads, prefetch and restores "
+              "share it; bounds this process's memory).")
 @click.option("--low-watermark", type=click.FloatRange(0, 1), default=0.0,
               help="Auto-release starts when free space falls under this fraction.")
 @click.option("--high-watermark", type=click.FloatRange(0, 1), default=0.0,
@@ -363,14 +372,14 @@ def mds(data_dir, listen, secret_file, metrics, log_level, log_file):
 @click.option("--log-level", default="info")
 @click.option("--log-file", type=click.Path())
 def ost(index, directory, mds_address, listen, secret_file, endpoint_url, capacity,
-        low_watermark, high_watermark, metrics, log_level, log_file):
+        hydrate_budget, low_watermark, high_watermark, metrics, log_level, log_file):
     """Run one object storage target over DIR."""
     services.setup_logging(log_level, log_file)
     if high_watermark and high_watermark < low_watermark:
         fail("--high-watermark must be at least --low-watermark", 2)
     services.run_ost(index, directory, mds_address, listen, read_secret(secret_file, listen),
                      endpoint_url, capacity, low_watermark, high_watermark or low_watermark,
-                     metrics)
+                     metrics, hydrate_budget)
 
 
 @main.command()

@@ -24,7 +24,7 @@ import trio
 
 from . import hsm, rpc
 from .integrity import checksum
-from .layout import Layout, StripeSpec
+from .layout import GET_SPAN, Layout, StripeSpec
 from .metrics import REGISTRY
 from .protocol import CTL_NAME, RpcError
 
@@ -84,7 +84,7 @@ class OpenFile:
     written: set = field(default_factory=set)
     dirty: bool = False
     next_seq: int = 0  # offset a sequential reader reads next
-    prefetching: set = field(default_factory=set)
+    prefetching: dict = field(default_factory=dict)  # chunk -> trio.Event set when it lands
     prefetch_end: int = 0  # first chunk not yet asked for by prefetch
     seq_reads: int = 0  # reads in a row that each began where the last one ended
 
@@ -459,9 +459,9 @@ class Filesystem(pyfuse3.Operations):
                         raise
                     await trio.sleep(0.1)
         self.counters.add("hydrate_calls")
-        table = of.tables.setdefault(idx, {})
-        for s, ent in got.items():
-            table[int(s)] = tuple(ent)
+        for s, ent in got.items():  # a stripe row's chunks land on their own OSTs
+            s = int(s)
+            of.tables.setdefault(of.layout.ost_of_chunk(s), {})[s] = tuple(ent)
 
     async def _prefetch_from(self, of: OpenFile, idx: int, chunks: list[int]):
         """A background task: it must never raise, or it would take the mount down."""
@@ -472,13 +472,17 @@ class Filesystem(pyfuse3.Operations):
             log.info("prefetch of inode %d chunks %s from OST %d failed: %s", of.ino, chunks,
                      idx, e)
         finally:
-            of.prefetching.difference_update(chunks)
+            for s in chunks:
+                done = of.prefetching.pop(s, None)
+                if done is not None:
+                    done.set()
 
     def _prefetch(self, of: OpenFile, chunks: list[int]):
         by_ost: dict[int, list[int]] = {}
+        for run in of.layout.get_runs(chunks, GET_SPAN):
+            by_ost.setdefault(of.layout.fetcher_of_run(run, GET_SPAN), []).extend(run)
         for s in chunks:
-            by_ost.setdefault(of.layout.ost_of_chunk(s), []).append(s)
-        of.prefetching.update(chunks)
+            of.prefetching[s] = trio.Event()
         for idx, ss in by_ost.items():
             self.nursery.start_soon(self._prefetch_from, of, idx, ss)
 
@@ -520,10 +524,14 @@ class Filesystem(pyfuse3.Operations):
             if of.st["hsm"] & hsm.LOST:  # Lustre refuses the implicit restore (sanity-hsm 25a)
                 log.error("inode %d is lost_from_hsm: chunk %d cannot be fetched", of.ino, s)
                 raise pyfuse3.FUSEError(errno.EIO)
-            if s in of.prefetching:
+            pending = of.prefetching.get(s)
+            if pending is not None:  # its GET is on the way (maybe by another OST)
                 self.counters.add("prefetch_waits")
-            await self._hydrate(of, idx, [s])
-            ent = of.tables[idx][s]
+                await pending.wait()
+                ent = of.tables.get(idx, {}).get(s)
+            if ent is None:
+                await self._hydrate(of, idx, [s])
+                ent = of.tables[idx][s]
         length, xxh = ent
         data = await self._read_object(of, idx, of.layout.chunk_object_offset(s), length)
         if checksum(data) != xxh:

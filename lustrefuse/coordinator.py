@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import hsm, keys
-from .layout import Layout
+from .layout import GET_SPAN, Layout
 from .namespace import bitmap_has
 from .protocol import RpcError
 
@@ -243,16 +243,31 @@ class Coordinator:
             return 0
         lay = Layout.from_dict(st["layout"])
         desc = self._desc(ino, st)
-        by_ost: dict[int, list[int]] = {}
-        for s in range(lay.chunk_count(st["size"])):
-            if not bitmap_has(st["present"], s):
-                by_ost.setdefault(lay.ost_of_chunk(s), []).append(s)
-        errors = []
+        missing = [s for s in range(lay.chunk_count(st["size"])) if not bitmap_has(st["present"], s)]
+        # Stripe rows in one GET each, the fetcher rotating over the layout's OSTs; then
+        # whatever did not land (an OST that refused a handed-over chunk) by its own OST.
+        by_fetcher: dict[int, list[int]] = {}
+        for run in lay.get_runs(missing, GET_SPAN):
+            by_fetcher.setdefault(lay.fetcher_of_run(run, GET_SPAN), []).extend(run)
+        landed = self._hydrate_all(ino, desc, by_fetcher)
+        left: dict[int, list[int]] = {}
+        for s in missing:
+            if s not in landed:
+                left.setdefault(lay.ost_of_chunk(s), []).append(s)
+        if left:
+            self._hydrate_all(ino, desc, left, raise_errors=True)
+        return st["size"]
+
+    def _hydrate_all(self, ino: int, desc: dict, by_ost: dict[int, list[int]],
+                     raise_errors: bool = False) -> set[int]:
+        """Ask each OST for its list of chunks, in parallel; returns the chunks that landed."""
+        errors, landed = [], set()
 
         def one(idx, chunks):
             try:
-                got = self.ost_call(idx, "hydrate", desc=desc, chunks=chunks)
-                self.ns.mark_present(ino, [int(s) for s in got])
+                got = [int(s) for s in self.ost_call(idx, "hydrate", desc=desc, chunks=chunks)]
+                self.ns.mark_present(ino, got)
+                landed.update(got)
             except (OSError, RpcError) as e:
                 errors.append(f"OST {idx}: {e}")
 
@@ -261,9 +276,12 @@ class Coordinator:
             t.start()
         for t in threads:
             t.join()
-        if errors:  # an OST that found the object changed has marked the file lost
+        if errors and raise_errors:  # an OST that found the object changed marked it lost
             raise RpcError(errno.EIO, "; ".join(errors))
-        return st["size"]
+        if errors:
+            log.info("restore of inode %d: %s; those chunks are asked of their own OSTs", ino,
+                     "; ".join(errors))
+        return landed
 
     def read_file(self, ino: int, st: dict):
         """Yield a file's bytes in parts of PART_SIZE, hydrating what is not local."""

@@ -18,6 +18,9 @@ MAX_STRIPE_SIZE = 4 * GiB - MIN_STRIPE_SIZE
 MAX_STRIPE_COUNT = 2000  # LOV_MAX_STRIPE_COUNT
 DEFAULT_STRIPE_SIZE = 1 * MiB  # Lustre <= 2.15 and FSx
 DEFAULT_IMPORTED_CHUNK_SIZE = 1 * GiB  # FSx ImportedFileChunkSize default
+# The most one hydration GET fetches: adjacent chunks (of one OST or of several: a
+# stripe row) come in one ranged GET, since an object store's cost is per request.
+GET_SPAN = 8 * MiB
 
 # Lustre's FID sequence for normal files on MDT0 starts here.
 FID_SEQ_NORMAL = 0x200000400
@@ -85,6 +88,24 @@ class Layout:
         row = self.stripe_size * self.stripe_count
         full, rest = divmod(size, row)
         return full * self.stripe_size + min(self.stripe_size, max(0, rest - pos * self.stripe_size))
+
+    def get_runs(self, chunks, span: int) -> list[list[int]]:
+        """Group chunk numbers into runs that one ranged GET of at most ``span`` bytes
+        fetches: chunks that follow each other in the file, whichever OST holds them."""
+        per_get = max(1, span // self.stripe_size)
+        runs: list[list[int]] = []
+        for s in sorted(set(chunks)):
+            if runs and s == runs[-1][-1] + 1 and len(runs[-1]) < per_get:
+                runs[-1].append(s)
+            else:
+                runs.append([s])
+        return runs
+
+    def fetcher_of_run(self, run: list[int], span: int) -> int:
+        """The OST that fetches a run (and hands the other OSTs their chunks of it):
+        rotated run by run so that every OST of the layout does its share of the GETs."""
+        per_get = max(1, span // self.stripe_size)
+        return self.osts[(run[0] // per_get) % self.stripe_count]
 
     def to_dict(self) -> dict:
         return {"stripe_size": self.stripe_size, "osts": list(self.osts), "gen": self.gen}

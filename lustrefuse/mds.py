@@ -592,7 +592,7 @@ def load_or_init_config(data_dir: str, given: dict) -> dict:
                                  f"not {given[k]!r}")
         saved.update({k: v for k, v in given.items() if v is not None and k in (
             "endpoint_url", "secret_file", "auto_export", "auto_import", "auto_import_interval",
-            "capacity", "low_watermark", "high_watermark")})
+            "capacity", "hydrate_budget", "low_watermark", "high_watermark")})
         return saved
     os.makedirs(data_dir, exist_ok=True)
     tmp = path + ".tmp"

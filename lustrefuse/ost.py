@@ -13,6 +13,7 @@ in batches by a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -24,13 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import rpc
 from .integrity import checksum
-from .layout import Layout
+from .layout import GET_SPAN, Layout
 from .protocol import RpcError
 from .s3 import NoSuchObject, Repository, S3Error, StaleObject
 
 log = logging.getLogger(__name__)
 
-GET_SPAN = 8 * 1024 * 1024  # the most one hydration GET fetches (adjacent chunks coalesce)
+HYDRATE_BUDGET = 64 * 1024 * 1024  # bytes of GETs in flight at once (demand, prefetch, restore)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -199,10 +200,34 @@ class ObjectStore:
                 "files": st.f_files, "ffree": st.f_ffree, "objects": objects, "used": self.used}
 
 
+class ByteBudget:
+    """Bytes of GETs in flight, bounded: memory is set by configuration, never by how
+    many readers, prefetchers and restores there are. One GET larger than the whole
+    budget may still run alone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        with self.cond:
+            while self.used and self.used + n > self.limit:
+                self.cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
 class OstService:
     def __init__(self, store: ObjectStore, mds: rpc.Client, repo: Repository | None,
                  hydrate_threads: int = 16, low_watermark: float = 0.0,
-                 high_watermark: float = 0.0):
+                 high_watermark: float = 0.0, hydrate_budget: int = HYDRATE_BUDGET):
         self.store = store
         self.low = low_watermark  # auto-release starts when free space < low * total
         self.high = high_watermark  # ... and stops once free space >= high * total
@@ -216,12 +241,14 @@ class OstService:
         self.prefetch_pool = ThreadPoolExecutor(max(2, hydrate_threads // 2),
                                                 thread_name_prefix="prefetch")
         self.inflight: dict[tuple[int, int], Future] = {}
+        self.budget = ByteBudget(hydrate_budget)  # one budget for every GET in flight
+        self.peers: dict[int, rpc.Client] = {}  # other OSTs, for chunks of stripe rows
         self.sf_lock = threading.Lock()
         self.reports: queue.Queue = queue.Queue()
         self.counters = {"chunks_hydrated": 0, "bytes_hydrated": 0, "bytes_served": 0,
                          "fds_handed": 0, "bytes_written": 0, "verify_failures": 0,
                          "refetched": 0, "hydrate_errors": 0, "single_flight_joins": 0,
-                         "auto_released_files": 0, "enospc": 0}
+                         "auto_released_files": 0, "enospc": 0, "chunks_handed_over": 0}
         self._stop = threading.Event()
         threading.Thread(target=self._reporter, name="reporter", daemon=True).start()
         if self.low > 0:
@@ -297,49 +324,96 @@ class OstService:
 
     # -- hydration ---------------------------------------------------------
 
+    def _reserve(self, length: int, desc: dict, run: list[int]):
+        """Room for ``length`` more bytes of chunks, auto-releasing older files if needed."""
+        if self.store.reserve(length):
+            return
+        floor = int(self.high * self.store.total_bytes()) if self.high else 0
+        self.make_room(length + floor)
+        if not self.store.reserve(length):
+            self._count("enospc")
+            log.error("OST %d is full: no room for chunks %d-%d of inode %d (%s); nothing "
+                      "eligible to release", self.store.index, run[0], run[-1], desc["ino"],
+                      desc["s3_key"])
+            raise RpcError(errno.ENOSPC, f"OST {self.store.index} is full")
+
+    def _store_chunks(self, ino: int, lay: Layout, pieces: list) -> dict[int, tuple[int, int]]:
+        """Write chunks ``[(s, bytes)]`` into this OST's object, then record them (only
+        then are they present) and report them to the MDS."""
+        fd = self.store.open(ino, create=True)
+        try:
+            for s, buf in pieces:
+                os.pwrite(fd, buf, lay.chunk_object_offset(s))
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                log.error("OST %d is full: chunks of inode %d not stored", self.store.index, ino)
+            raise
+        finally:
+            os.close(fd)
+        entries = [(s, len(buf), checksum(buf)) for s, buf in pieces]
+        self.store.record(ino, entries)
+        self._count("chunks_hydrated", len(entries))
+        self._count("bytes_hydrated", sum(n for _, n, _ in entries))
+        for s, _, _ in entries:
+            self.reports.put((ino, s))
+        return {s: (n, x) for s, n, x in entries}
+
     def _fetch(self, desc: dict, run: list[int]) -> dict[int, tuple[int, int]]:
-        """Fetch a run of chunks contiguous in the file and in this object with one GET."""
+        """Fetch a run of chunks contiguous in the file with one GET. This OST's chunks
+        of it are stored here; the others (a stripe row of a striped file) are handed
+        to their OSTs. Returns the entries of every chunk of the run that landed."""
         ino = desc["ino"]
         lay = Layout.from_dict(desc["layout"])
-        lengths = [lay.chunk_length(s, desc["s3_size"]) for s in run]
-        length = sum(lengths)
         if self.repo is None:
             if not self.ready:  # still registering: the caller may try again
                 raise RpcError(errno.EAGAIN, f"OST {self.store.index} is starting")
             raise RpcError(errno.EIO, "this OST has no S3 repository")
-        if not self.store.reserve(length):
-            floor = int(self.high * self.store.total_bytes()) if self.high else 0
-            self.make_room(length + floor)
-            if not self.store.reserve(length):
-                self._count("enospc")
-                log.error("OST %d is full: no room for chunks %d-%d of inode %d (%s); nothing "
-                          "eligible to release", self.store.index, run[0], run[-1], ino,
-                          desc["s3_key"])
-                raise RpcError(errno.ENOSPC, f"OST {self.store.index} is full")
-        try:
-            data = self._download(desc, run[0] * lay.stripe_size, length, run)
-            fd = self.store.open(ino, create=True)
-            try:
-                os.pwrite(fd, data, lay.chunk_object_offset(run[0]))
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    log.error("OST %d is full: chunks of inode %d not stored",
-                              self.store.index, ino)
-                raise
-            finally:
-                os.close(fd)
-        finally:
-            self.store.unreserve(length)
-        entries, pos = [], 0
+        lengths = [lay.chunk_length(s, desc["s3_size"]) for s in run]
+        pieces, pos = [], 0
         for s, n in zip(run, lengths, strict=True):
-            entries.append((s, n, checksum(memoryview(data)[pos:pos + n])))
+            pieces.append((s, pos, n))
             pos += n
-        self.store.record(ino, entries)  # only now are the chunks present
-        self._count("chunks_hydrated", len(run))
-        self._count("bytes_hydrated", length)
-        for s in run:
-            self.reports.put((ino, s))
-        return {s: (n, x) for s, n, x in entries}
+        mine = [(s, p, n) for s, p, n in pieces if lay.ost_of_chunk(s) == self.store.index]
+        own = sum(n for _, _, n in mine)
+        self._reserve(own, desc, run)
+        with self.budget.hold(pos):
+            try:
+                data = memoryview(self._download(desc, run[0] * lay.stripe_size, pos, run))
+                got = self._store_chunks(ino, lay, [(s, data[p:p + n]) for s, p, n in mine])
+            finally:
+                self.store.unreserve(own)
+            others: dict[int, dict[int, memoryview]] = {}
+            for s, p, n in pieces:
+                idx = lay.ost_of_chunk(s)
+                if idx != self.store.index:
+                    others.setdefault(idx, {})[s] = data[p:p + n]
+            for idx, chunks in others.items():
+                got.update(self._hand_over(idx, desc, chunks))
+        return got
+
+    def _peer(self, idx: int) -> rpc.Client:
+        peer = self.peers.get(idx)
+        if peer is None:
+            osts = self.mds.call("config")["osts"]
+            addr = osts.get(str(idx)) or osts.get(idx)
+            if not addr:
+                raise RpcError(errno.EIO, f"OST {idx} is not registered")
+            peer = self.peers[idx] = rpc.Client(addr, self.mds.secret, timeout=120)
+        return peer
+
+    def _hand_over(self, idx: int, desc: dict, chunks: dict) -> dict[int, tuple[int, int]]:
+        """Give OST ``idx`` its chunks of a row we fetched. On failure they are simply not
+        present there (the caller sees them missing and asks that OST itself)."""
+        try:
+            got = self._peer(idx).call("install", desc=desc,
+                                       chunks=chunks)
+            self._count("chunks_handed_over", len(chunks))
+            return {int(s): tuple(e) for s, e in got.items()}
+        except (OSError, RpcError) as e:
+            self.peers.pop(idx, None)  # it may have restarted elsewhere: ask the MDS again
+            log.warning("cannot hand chunks %s of inode %d to OST %d: %s", sorted(chunks),
+                        desc["ino"], idx, e)
+            return {}
 
     def _download(self, desc: dict, start: int, length: int, run: list[int]) -> bytes:
         ino, key = desc["ino"], desc["s3_key"]
@@ -370,10 +444,11 @@ class OstService:
 
     def hydrate(self, desc: dict, chunks: list[int], wait: bool = True,
                 prefetch: bool = False) -> dict:
-        """Make ``chunks`` present; returns ``{s: (length, xxh)}`` for them.
+        """Make ``chunks`` present; returns ``{s: (length, xxh)}`` for those that are.
 
-        Missing chunks that follow each other in the file and in this object (a
-        one-stripe layout) are fetched together, up to GET_SPAN bytes per GET.
+        Missing chunks that follow each other in the file are fetched together, up to
+        GET_SPAN bytes per GET. Chunks of other OSTs may be asked for too (a stripe row
+        of a striped file): they are fetched in the same GET and handed to their OST.
         """
         ino = desc["ino"]
         lay = Layout.from_dict(desc["layout"])
@@ -391,15 +466,8 @@ class OstService:
                     futures[s] = fut
                 else:
                     todo.append(s)
-            per_get = max(1, GET_SPAN // lay.stripe_size) if lay.stripe_count == 1 else 1
-            runs: list[list[int]] = []
-            for s in todo:
-                if runs and s == runs[-1][-1] + 1 and len(runs[-1]) < per_get:
-                    runs[-1].append(s)
-                else:
-                    runs.append([s])
             pool = self.prefetch_pool if prefetch else self.pool
-            for run in runs:
+            for run in lay.get_runs(todo, GET_SPAN):
                 fut = pool.submit(self._hydrate_run, desc, run)
                 for s in run:
                     self.inflight[(ino, s)] = fut
@@ -408,8 +476,48 @@ class OstService:
             return {}
         result = {s: have[s] for s in chunks if s in have}
         for s, fut in futures.items():
-            result[s] = fut.result()[s]
+            got = fut.result()
+            if s in got:  # a chunk handed to another OST that refused it is not there
+                result[s] = got[s]
         return result
+
+    def h_install(self, peer, desc: dict, chunks: dict):
+        """Chunks of ours that another OST fetched in its GET of a stripe row. Only
+        chunks we lack are written: a present chunk may be newer (written since)."""
+        ino = desc["ino"]
+        lay = Layout.from_dict(desc["layout"])
+        chunks = {int(s): b for s, b in chunks.items()}
+        for s, b in chunks.items():
+            if lay.ost_of_chunk(s) != self.store.index or len(b) != lay.chunk_length(
+                    s, desc.get("s3_size") or 0):
+                raise RpcError(errno.EINVAL, f"chunk {s} of inode {ino} is not ours or not "
+                               f"whole ({len(b)} bytes)")
+        fut: Future = Future()
+        with self.sf_lock:
+            have = self.store.table(ino)
+            todo = [s for s in sorted(chunks) if s not in have and (ino, s) not in self.inflight]
+            for s in todo:
+                self.inflight[(ino, s)] = fut
+        try:
+            self._touch(ino)
+            got = {}
+            if todo:
+                length = sum(len(chunks[s]) for s in todo)
+                self._reserve(length, desc, todo)
+                try:
+                    got = self._store_chunks(ino, lay, [(s, chunks[s]) for s in todo])
+                finally:
+                    self.store.unreserve(length)
+            fut.set_result(got)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self.sf_lock:
+                for s in todo:
+                    self.inflight.pop((ino, s), None)
+        got.update({s: have[s] for s in chunks if s in have})
+        return got
 
     # -- RPC handlers --------------------------------------------------------
 

@@ -10,6 +10,7 @@ directory restarts what is missing.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -74,6 +75,17 @@ def wait_signal_or(event: threading.Event):
 
 # -- the daemons -----------------------------------------------------------
 
+def return_large_buffers_to_the_os(threshold: int = 256 * 1024):
+    """Have glibc mmap buffers of ``threshold`` bytes and more, and unmap them when freed.
+    By default it raises that threshold after the first large free and then keeps such
+    buffers (GET bodies, RPC frames of several MiB) in per-thread arenas, so a process
+    with many threads grows to hundreds of MiB that it never gives back."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def start_metrics(address: str | None, gauges: dict | None = None):
     """Opt-in Prometheus endpoint; ``gauges`` maps a name to a callable read at scrape time."""
     if not address:
@@ -89,6 +101,7 @@ def start_metrics(address: str | None, gauges: dict | None = None):
 def run_mds(data_dir: str, listen: str | None, secret: bytes | None, metrics: str | None = None):
     from .mds import Mds, take_lock
 
+    return_large_buffers_to_the_os()
     lock_fd = take_lock(os.path.join(data_dir, "mds.lock"))
     with open(os.path.join(data_dir, "fs.json")) as f:
         config = json.load(f)
@@ -126,15 +139,18 @@ def run_mds(data_dir: str, listen: str | None, secret: bytes | None, metrics: st
 
 def run_ost(index: int, directory: str, mds_address: str, listen: str | None,
             secret: bytes | None, endpoint_url: str | None = None, capacity: int = 0,
-            low_watermark: float = 0.0, high_watermark: float = 0.0, metrics: str | None = None):
+            low_watermark: float = 0.0, high_watermark: float = 0.0, metrics: str | None = None,
+            hydrate_budget: int = 64 << 20):
     from .ost import ObjectStore, OstService
     from .s3 import Repository
 
+    return_large_buffers_to_the_os()
     os.makedirs(directory, exist_ok=True)
     store = ObjectStore(directory, index, capacity)
     mds = rpc.Client(mds_address, secret, timeout=30)
     address = listen or f"unix:{os.path.join(directory, 'ost.sock')}"
-    service = OstService(store, mds, None, low_watermark=low_watermark,
+    service = OstService(store, mds, None, hydrate_budget=hydrate_budget,
+                         low_watermark=low_watermark,
                          high_watermark=high_watermark)
     server = rpc.Server(address, service.handlers(), secret, role=f"ost{index}")
     server.start()
@@ -339,7 +355,7 @@ class Supervisor:
         for i in indexes:
             d = os.path.join(self.data_dir, f"ost{i}")
             extra = []
-            for opt in ("capacity", "low_watermark", "high_watermark"):
+            for opt in ("capacity", "hydrate_budget", "low_watermark", "high_watermark"):
                 if self.config.get(opt):
                     extra += ["--" + opt.replace("_", "-"), str(self.config[opt])]
             self._start(f"ost{i}", ["ost", "--index", str(i), "--dir", d, "--mds",

@@ -31,6 +31,7 @@ from helpers import (
     data,
     drop_file_cache,
     lfs,
+    lustrefuse,
     pread_uncached,
     put_many_small,
     put_objects,
@@ -304,6 +305,8 @@ def hyd_objects() -> dict:
         "h/lost.bin": big_data(4 * MiB, "lost"),
         "h/lost2.bin": big_data(4 * MiB, "lost2"),
         "h/seq-stale.bin": big_data(6 * MiB, "seq-stale"),
+        "h/rows.bin": big_data(24 * MiB + 5, "rows"),  # 25 chunks over 2 OSTs
+        "h/rows-seq.bin": big_data(32 * MiB, "rows-seq"),
     }
 
 
@@ -506,6 +509,42 @@ def test_hsm_restore_then_release(hyd):
     assert read_file(p) == want
     d = delta(before, hyd.wait_quiet(), hyd)
     assert d["gets"] >= 1, d  # it really came back from S3
+
+
+def test_restore_of_striped_file_fetches_whole_stripe_rows(hyd):
+    """A file striped over 2 OSTs with 1 MiB stripes: each GET covers a row of
+    adjacent stripes (8 MiB), the fetching OST hands the other OST its chunks, and
+    every chunk ends up on the OST the layout names, with its checksum."""
+    k, want = "h/rows.bin", hyd_objects()["h/rows.bin"]
+    p = hyd.path(k)
+    info = hyd.info(k)
+    assert len(info["layout"]["osts"]) == 2 and info["layout"]["stripe_size"] == MiB, info
+    before = hyd.wait_quiet()
+    assert lfs("hsm_restore", p).returncode == 0
+    wait_for(lambda: hyd.hsm_flags(k) == hsm.RESIDENT, 60, 0.1, "resident")
+    after = hyd.wait_quiet()
+    d = delta(before, after, hyd)
+    assert d["bytes_in"] == len(want), d  # every byte once
+    assert d["hydrated"] == 25, d  # counted by the OST that stores each chunk
+    assert d["gets"] == 4, d  # 8 + 8 + 8 + 1 chunks, not 25 one-stripe GETs
+    handed = hyd.ost_sum("chunks_handed_over", after) - hyd.ost_sum("chunks_handed_over", before)
+    assert handed >= 12, handed  # about half of each row belongs to the other OST
+    # each chunk is where the layout says: read straight from the OST objects
+    drop_file_cache(p)
+    assert read_file(p) == want
+    assert delta(after, hyd.stats(), hyd)["gets"] == 0
+    r = lustrefuse("scrub", str(hyd.mnt), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cold_sequential_read_of_striped_file_gets_rows(hyd):
+    k, want = "h/rows-seq.bin", hyd_objects()["h/rows-seq.bin"]
+    before = hyd.wait_quiet()
+    assert read_file(hyd.path(k)) == want
+    d = delta(before, hyd.wait_quiet(), hyd)
+    assert d["bytes_in"] == len(want) and d["hydrated"] == 32, d
+    # a few one-stripe demand GETs before the reader is seen as sequential, then rows
+    assert d["gets"] <= 12, d
 
 
 def make_resident(fs, k):

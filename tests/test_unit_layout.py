@@ -176,3 +176,31 @@ def test_make_layout():
     spec = StripeSpec(stripe_count=2).merged_over(StripeSpec(2 * MiB, 4, 1))
     assert spec == StripeSpec(2 * MiB, 2, 1, ())
 
+
+
+def test_get_runs_group_adjacent_chunks_up_to_the_span():
+    lay = Layout(MiB, (0, 1))
+    assert lay.get_runs([], 8 * MiB) == []
+    assert lay.get_runs([3, 1, 2, 2], 8 * MiB) == [[1, 2, 3]]  # sorted, deduplicated
+    assert lay.get_runs(range(20), 8 * MiB) == [list(range(8)), list(range(8, 16)),
+                                                 list(range(16, 20))]
+    assert lay.get_runs([0, 1, 3, 4, 9], 8 * MiB) == [[0, 1], [3, 4], [9]]
+    # a stripe larger than the span: one chunk a GET
+    assert Layout(16 * MiB, (0,)).get_runs([0, 1, 2], 8 * MiB) == [[0], [1], [2]]
+
+
+def test_fetcher_of_run_rotates_over_the_layout():
+    lay = Layout(MiB, (2, 0, 1))
+    runs = lay.get_runs(range(48), 8 * MiB)
+    assert [lay.fetcher_of_run(r, 8 * MiB) for r in runs] == [2, 0, 1, 2, 0, 1]
+    assert Layout(MiB, (5,)).fetcher_of_run([7, 8], 8 * MiB) == 5
+
+
+@given(st.sets(st.integers(0, 300), max_size=80), st.sampled_from([64 * KiB, MiB, 4 * MiB]))
+def test_get_runs_cover_each_chunk_once_and_stay_within_the_span(chunks, stripe):
+    lay = Layout(stripe, (0, 1, 2))
+    runs = lay.get_runs(chunks, 8 * MiB)
+    assert sorted(s for r in runs for s in r) == sorted(chunks)
+    for r in runs:
+        assert r == list(range(r[0], r[0] + len(r)))  # adjacent in the file: one range
+        assert len(r) * stripe <= max(8 * MiB, stripe)
