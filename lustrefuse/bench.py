@@ -55,7 +55,7 @@ NA_ERRNOS = (errno.EROFS, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 @dataclass
 class Config:
-    large: int = 256 * MiB
+    large: int = 1024 * MiB  # a 1 GiB file: first byte and cold read as a training job sees them
     small_files: int = 2000
     small_size: int = 128 * KiB
     readers: int = 8
@@ -951,7 +951,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-drop-caches", action="store_true",
                    help="never drop the global page cache; use posix_fadvise(DONTNEED) on the "
                    "files involved (cold directory walks are then not measured)")
-    p.add_argument("--large-size", help="size of the large file (default 256M)")
+    p.add_argument("--large-size", help="size of the large file (default 1G)")
     p.add_argument("--small-files", type=int, help="number of small files (default 2000)")
     p.add_argument("--small-size", help="size of each small file (default 128K)")
     p.add_argument("--readers", type=int, help="parallel readers (default 8)")

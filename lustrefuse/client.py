@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 CTL_INO = 1 << 62
 HYDRATE_TIMEOUT = 300.0
 KEEPALIVE = 2.0  # seconds between session pings to the MDS
-PREFETCH_CHUNKS = 32  # sequential readers keep this many chunks in flight (4 GETs of 8 MiB)
+PREFETCH_CHUNKS = 64  # a sequential reader keeps this many chunks in flight (Lustre: 64 MiB a file)
+CLOSE_DELAY = 0.01  # read-only closes wait this long for an open to carry them to the MDS
+READ_AHEAD_OPEN = 1 << 20  # bytes of the first chunk read ahead at open
 PASSTHROUGH_PREFIXES = (b"security.", b"system.")  # answered locally: no ACLs, no caps
 
 

@@ -41,6 +41,7 @@ class Coordinator:
         self._stop = threading.Event()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="coordinator")
         self._claim_lock = threading.Lock()
+        self.swept = 0.0  # when finished requests were last cleared out
         for _ in range(workers):
             self.pool.submit(self._worker)
 
@@ -172,15 +173,18 @@ class Coordinator:
             return row
 
     def _finish(self, rid: int, state: str, error: str = "", moved: int = 0):
+        now = time.time()
         with self.ns.tx() as db:
             db.execute("UPDATE hsm_requests SET state=?, error=?, bytes=?, updated=? WHERE id=?",
-                       (state, error, moved, time.time(), rid))
+                       (state, error, moved, now, rid))
+            # finished requests are kept for an hour for `lustrefuse hsm list --all`; the
+            # sweep scans the table, so once a minute, not once a request
+            if now - self.swept > 60:
+                self.swept = now
+                db.execute("DELETE FROM hsm_requests WHERE state NOT IN ('WAITING','STARTED') "
+                           "AND updated < ?", (now - 3600,))
         self.running.pop(rid, None)
         self.canceled.discard(rid)
-        # finished requests are kept for a while for `lustrefuse hsm list --all`
-        with self.ns.tx() as db:
-            db.execute("DELETE FROM hsm_requests WHERE state NOT IN ('WAITING','STARTED') "
-                       "AND updated < ?", (time.time() - 3600,))
 
     def _worker(self):
         while not self._stop.is_set():
@@ -271,11 +275,14 @@ class Coordinator:
             except (OSError, RpcError) as e:
                 errors.append(f"OST {idx}: {e}")
 
-        threads = [threading.Thread(target=one, args=item) for item in by_ost.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        if len(by_ost) == 1:  # most files: no thread to start
+            one(*next(iter(by_ost.items())))
+        else:
+            threads = [threading.Thread(target=one, args=item) for item in by_ost.items()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         if errors and raise_errors:  # an OST that found the object changed marked it lost
             raise RpcError(errno.EIO, "; ".join(errors))
         if errors:

@@ -47,22 +47,30 @@ def _mac(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, nonce, hashlib.sha256).digest()
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        if fds is not None and not buf:
-            chunk, anc, _flags, _addr = sock.recvmsg(n - len(buf), _ANC)
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(data[: len(data) - len(data) % a.itemsize])
-                    fds.extend(a)
+def _take_fds(anc, fds: list):
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytearray:
+    """Exactly ``n`` bytes, received in place: a frame of several MiB is neither
+    allocated per ``recv`` nor copied again at the end."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if fds is not None and not got:
+            k, anc, _flags, _addr = sock.recvmsg_into([view], _ANC)
+            _take_fds(anc, fds)
         else:
-            chunk = sock.recv(n - len(buf))
-        if not chunk:
+            k = sock.recv_into(view[got:], n - got)
+        if not k:
             raise ConnectionError("connection closed")
-        buf += chunk
-    return bytes(buf)
+        got += k
+    return buf
 
 
 FRAME_TIMEOUT = 30.0  # a frame, once begun, must arrive within this (idle pools may wait)
@@ -371,22 +379,20 @@ class TrioClient:
             view = view[n:]
 
     @staticmethod
-    async def _recv_exact(sock, n: int, fds: list | None = None) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            if fds is not None and not buf:
-                chunk, anc, _f, _a = await sock.recvmsg(n - len(buf), _ANC)
-                for level, kind, data in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        a = array.array("i")
-                        a.frombytes(data[: len(data) - len(data) % a.itemsize])
-                        fds.extend(a)
+    async def _recv_exact(sock, n: int, fds: list | None = None) -> bytearray:
+        buf = bytearray(n)  # received in place, as the blocking _recv_exact
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            if fds is not None and not got:
+                k, anc, _f, _a = await sock.recvmsg_into([view], _ANC)
+                _take_fds(anc, fds)
             else:
-                chunk = await sock.recv(min(n - len(buf), 4 * 1024 * 1024))
-            if not chunk:
+                k = await sock.recv_into(view[got:], n - got)
+            if not k:
                 raise ConnectionError("connection closed")
-            buf += chunk
-        return bytes(buf)
+            got += k
+        return buf
 
     async def call(self, op: str, timeout: float | None = None, want_fds: bool = False,
                    **args):

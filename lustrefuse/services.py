@@ -75,13 +75,14 @@ def wait_signal_or(event: threading.Event):
 
 # -- the daemons -----------------------------------------------------------
 
-def return_large_buffers_to_the_os(threshold: int = 256 * 1024):
-    """Have glibc mmap buffers of ``threshold`` bytes and more, and unmap them when freed.
-    By default it raises that threshold after the first large free and then keeps such
-    buffers (GET bodies, RPC frames of several MiB) in per-thread arenas, so a process
-    with many threads grows to hundreds of MiB that it never gives back."""
+def limit_malloc_arenas(arenas: int = 2):
+    """Have glibc share a couple of heaps between threads. By default each of our many
+    threads (GETs, RPC handlers) gets its own heap, and the multi-MiB buffers they free
+    (GET bodies, RPC frames) stay in those heaps: RSS then grows with the thread count,
+    not with the work (measured: OSTs at 300 MiB with a 64 MiB GET budget, 220 MiB
+    with two heaps, and less CPU per byte than unmapping large buffers on free)."""
     try:
-        ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
@@ -101,7 +102,7 @@ def start_metrics(address: str | None, gauges: dict | None = None):
 def run_mds(data_dir: str, listen: str | None, secret: bytes | None, metrics: str | None = None):
     from .mds import Mds, take_lock
 
-    return_large_buffers_to_the_os()
+    limit_malloc_arenas()
     lock_fd = take_lock(os.path.join(data_dir, "mds.lock"))
     with open(os.path.join(data_dir, "fs.json")) as f:
         config = json.load(f)
@@ -144,7 +145,7 @@ def run_ost(index: int, directory: str, mds_address: str, listen: str | None,
     from .ost import ObjectStore, OstService
     from .s3 import Repository
 
-    return_large_buffers_to_the_os()
+    limit_malloc_arenas()
     os.makedirs(directory, exist_ok=True)
     store = ObjectStore(directory, index, capacity)
     mds = rpc.Client(mds_address, secret, timeout=30)
