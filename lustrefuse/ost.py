@@ -475,10 +475,17 @@ class OstService:
         if not wait:
             return {}
         result = {s: have[s] for s in chunks if s in have}
-        for s, fut in futures.items():
-            got = fut.result()
+        failed = None
+        for s, fut in futures.items():  # all of them: a failed call leaves no GET behind
+            try:
+                got = fut.result()
+            except Exception as e:
+                failed = failed or e
+                continue
             if s in got:  # a chunk handed to another OST that refused it is not there
                 result[s] = got[s]
+        if failed is not None:
+            raise failed
         return result
 
     def h_install(self, peer, desc: dict, chunks: dict):
