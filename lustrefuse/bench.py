@@ -57,6 +57,7 @@ NA_ERRNOS = (errno.EROFS, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
 class Config:
     large: int = 1024 * MiB  # a 1 GiB file: first byte and cold read as a training job sees them
     small_files: int = 2000
+    release_files: int = 10_000  # files of the hsm_release row
     small_size: int = 128 * KiB
     readers: int = 8
     rand_seconds: float = 2.0
@@ -68,13 +69,16 @@ class Config:
     range_size: int = 8 * MiB
     first_samples: int = 5  # 4 KiB GETs per repeat for the baseline median
     second_up: bool = True  # a second filesystem for the listing-only import
+    walk_files: int = 100_000  # empty objects of the big walk (0: skip it)
+    walk_dir_files: int = 1000  # files per directory of the big walk's tree
 
 
 # the parts of the table, in the order they run (--only picks some)
 SECTIONS = ("walk", "import", "large", "small", "write")
 
-SMALL = dict(large=32 * MiB, small_files=200, small_size=64 * KiB, rand_seconds=0.5,
-             write_size=16 * MiB, first_samples=3, second_up=False)
+SMALL = dict(large=32 * MiB, small_files=200, release_files=1000, small_size=64 * KiB,
+             rand_seconds=0.5,
+             write_size=16 * MiB, first_samples=3, second_up=False, walk_files=5000)
 
 
 # -- rows ------------------------------------------------------------------------
@@ -393,6 +397,8 @@ class Bench:
             self.endpoint.stop()
         elif not self.local and not self.args.keep and hasattr(self, "s3"):
             self.delete_prefix()
+            if getattr(self, "walk_prefix", None):
+                self.delete_prefix(self.walk_prefix)
         if self.failed or self.errors or self.mismatches:
             say(f"lustrefuse bench: logs kept in {self.work} (data/log, s3.log)", err=True)
         elif not self.args.keep:
@@ -401,15 +407,16 @@ class Bench:
                     return  # never delete under a live mount
             shutil.rmtree(self.work, ignore_errors=True)
 
-    def delete_prefix(self):
+    def delete_prefix(self, prefix: str | None = None):
+        prefix = prefix or self.key_prefix
         try:
             for page in self.s3.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=self.key_prefix):
+                    Bucket=self.bucket, Prefix=prefix):
                 objs = [{"Key": o["Key"]} for o in page.get("Contents", [])]
                 if objs:
                     self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objs})
         except Exception as e:
-            self.errors.append(f"cleaning s3://{self.bucket}/{self.key_prefix}: {e}")
+            self.errors.append(f"cleaning s3://{self.bucket}/{prefix}: {e}")
 
     # -- import
     def n_objects(self) -> int:
@@ -496,6 +503,7 @@ class Bench:
             dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
         want = self.n_objects() + len(dirs)
         self.log("walk + stat")
+        before = self.walk_requests(self.mnt)
         for i in range(self.repeat):
             if i and not self.caches.drop_dentries():
                 break  # a cold walk needs the kernel's dentries dropped
@@ -521,7 +529,122 @@ class Bench:
             self.walk(self.localdir)
             cold.limit.append(time.perf_counter() - t0)
             cold.limit_what = "same tree on local disk (warm: dentries not droppable here)"
-        cold.note = warm.note = f"{want:,} entries"
+        after = self.walk_requests(self.mnt)
+        reqs = f"S3 requests while walking: {after[0] - before[0]}"
+        if self.local:
+            reqs += f" (endpoint log: {after[1] - before[1]})"
+        cold.note = warm.note = f"{want:,} entries; {reqs}"
+        if self.cfg.walk_files:
+            self.bench_walk_many()
+
+    def walk_requests(self, mnt: str) -> tuple[int, int | None]:
+        """S3 requests so far: the filesystem's own counters (MDS + OSTs), and the lines
+        of our local endpoint's request log (None with a real endpoint)."""
+        st = json.loads(os.getxattr(os.path.join(mnt, ".lustrefuse_ctl"), "lustrefuse.stats"))
+        seen = None
+        if self.local:
+            with open(os.path.join(self.work, "s3.log"), "rb") as f:
+                seen = sum(1 for line in f if b'HTTP/1.1" ' in line)
+        return st["total"]["s3_requests"], seen
+
+    def put_walk_tree(self, keys: list[str]) -> float:
+        t0 = time.perf_counter()
+        if self.local:  # straight into moto's backend: 100,000 PUTs take minutes here
+            self.s3.create_bucket(Bucket=self.walk_bucket)
+            demo.bulk_put_empty(self.url, self.walk_bucket, keys)
+        else:
+            with cf.ThreadPoolExecutor(64) as ex:
+                list(ex.map(lambda k: self.s3.put_object(Bucket=self.walk_bucket, Key=k,
+                                                         Body=b""), keys))
+        return time.perf_counter() - t0
+
+    def bench_walk_many(self):
+        """The namespace at scale: N empty objects (dirs of walk_dir_files), imported
+        listing-only into a second filesystem, walked cold and warm against the same tree
+        on local disk, counting the S3 requests made while walking (the target is 0)."""
+        c = self.cfg
+        n = c.walk_files
+        cold = self.row(f"walk + stat of {n:,} imported files, cold", "s", "")
+        warm = self.row(f"walk + stat of {n:,} imported files, warm", "s",
+                        "same tree on local disk (empty files), warm")
+        imp = self.row(f"import, listing only ({n:,} objects)", "objects/s",
+                       "ListObjectsV2 alone, 1,000 keys a page (first 10,000 keys)")
+        per = max(1, c.walk_dir_files)
+        keys = [f"d{i // per:04d}/f{i:06d}" for i in range(n)]
+        if self.local:
+            self.walk_bucket, self.walk_prefix = BUCKET + "-walk", ""
+        else:
+            self.walk_bucket, self.walk_prefix = self.bucket, self.key_prefix.rstrip("/") + "-walk/"
+            keys = [self.walk_prefix + k for k in keys]
+        self.log(f"big walk: {n:,} empty objects")
+        secs = self.put_walk_tree(keys)
+        self.log(f"big walk: {n:,} objects created in {secs:.1f}s "
+                 f"({'moto backend' if self.local else 'PUTs, 64 threads'})")
+        local = os.path.join(self.work, "walk-local")
+        made = set()
+        for k in keys:
+            p = os.path.join(local, k[len(self.walk_prefix):])
+            d = os.path.dirname(p)
+            if d not in made:
+                os.makedirs(d, exist_ok=True)
+                made.add(d)
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+        want = n + (n + per - 1) // per
+        t0 = time.perf_counter()  # the limit of the import: listing alone, 10 pages of it
+        listed = 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.walk_bucket, Prefix=self.walk_prefix):
+            listed += len(page.get("Contents", []))
+            if listed >= 10_000:
+                break
+        imp.limit.append(listed / (time.perf_counter() - t0))
+        mnt, data = os.path.join(self.work, "mnt-walk"), os.path.join(self.work, "data-walk")
+        source = f"s3://{self.walk_bucket}/{self.walk_prefix}".rstrip("/")
+        self.mounted.append((mnt, data))
+        self.log(f"big walk: lustrefuse up {source} --no-posix-metadata")
+        _, err = demo.fs_up(source, mnt, data, self.url,
+                            [*self.up_args(), "--no-posix-metadata"], local=self.local)
+        try:
+            isecs = demo.import_seconds(data, err)
+            if isecs:
+                imp.ours.append(n / isecs)
+            imp.note = "1 sample; the import of the big walk's tree"
+            s3_used = [0, 0]
+            for i in range(self.repeat):
+                if i and not self.caches.drop_dentries():
+                    break
+                before = self.walk_requests(mnt)
+                t0 = time.perf_counter()
+                got = self.walk(mnt)
+                cold.ours.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                self.walk(mnt)
+                warm.ours.append(time.perf_counter() - t0)
+                after = self.walk_requests(mnt)
+                s3_used[0] += after[0] - before[0]
+                if after[1] is not None:
+                    s3_used[1] += after[1] - before[1]
+                if got != want:
+                    raise DemoError(f"walk of the big tree saw {got} entries, want {want}")
+        finally:
+            self.down(mnt, data)
+        for _ in range(self.repeat):
+            if self.caches.drop_dentries():
+                t0 = time.perf_counter()
+                self.walk(local)
+                cold.limit.append(time.perf_counter() - t0)
+                cold.limit_what = "same tree on local disk (empty files), dentries dropped"
+            t0 = time.perf_counter()
+            self.walk(local)
+            warm.limit.append(time.perf_counter() - t0)
+        if not cold.limit:
+            cold.limit_what = "same tree on local disk (warm: dentries not droppable here)"
+            cold.limit.append(warm.limit[-1])
+        shutil.rmtree(local, ignore_errors=True)
+        reqs = f"S3 requests while walking: {s3_used[0]}"
+        if self.local:
+            reqs += f" (endpoint log: {s3_used[1]})"
+        cold.note = warm.note = f"{want:,} entries, dirs of {per:,}; {reqs}"
 
     # -- the large file
     def bench_large(self):
@@ -743,7 +866,7 @@ class Bench:
                               f"same files on local disk, {c.readers} threads, page cache dropped")
         self.r_restore = self.row(f"hsm_restore of a directory ({n:,} small files)", "MB/s",
                                   f"direct GETs, {c.readers} threads")
-        self.r_release = self.row(f"hsm_release of {n:,} files", "s", "")
+        self.r_release = self.row(f"hsm_release of {c.release_files:,} files", "s", "")
         self.small_paths = [self.path(f) for f in self.ds.small]
         self.attempt(self.r_cold, self.m_small_cold)
         self.attempt(self.r_hyd, self.m_small_hydrated)
@@ -793,18 +916,56 @@ class Bench:
             self.check("local small files", r.mismatches, [])
             row.limit.append(r.files_per_s)
 
+    def make_release_set(self) -> tuple[list[str], list[int]]:
+        """``release_files`` files that hold their data locally and have an S3 copy: 4 KiB
+        files written through the mount (8 threads), then ``hsm_archive``. The cheaper of
+        the two honest ways measured here (10,000 files, 2 vCPUs): ~21 s of writes + ~40 s
+        of archives, against ~35 s of PUTs + the import + ~43 s of hsm_restore; one S3
+        request a file bounds both (moto serves ~370 a second)."""
+        n = self.cfg.release_files
+        top = os.path.join(self.mnt, "bench-release")
+        paths = [os.path.join(top, f"d{i // 1000:03d}", f"f{i:05d}.bin") for i in range(n)]
+        for d in sorted({os.path.dirname(p) for p in paths}):
+            os.makedirs(d, exist_ok=True)
+
+        def write(i: int):
+            fd = os.open(paths[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, f"{i:015d}\n".encode() * 256)
+            finally:
+                os.close(fd)
+
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(8) as ex:
+            list(ex.map(write, range(n)))
+        t1 = time.perf_counter()
+        inos = [os.stat(p).st_ino for p in paths]
+        demo.hsm_request(self.mnt, "archive", inos)
+        left = demo.wait_hsm(paths, RESIDENT, 1800)
+        if left:
+            raise DemoError(f"{len(left)} files not archived, e.g. {left[0]}")
+        self.log(f"release set: {n:,} x 4 KiB written in {t1 - t0:.1f}s, archived in "
+                 f"{time.perf_counter() - t1:.1f}s")
+        return paths, inos
+
     def m_release_small(self, row: Row):
+        paths, inos = self.make_release_set()
         for i in range(self.repeat):
-            if i:
-                self.restore_small()
-            inos = [os.stat(p).st_ino for p in self.small_paths]
+            if i:  # local data again
+                demo.hsm_request(self.mnt, "restore", inos)
+                left = demo.wait_hsm(paths, RESIDENT, 1800)
+                if left:
+                    raise DemoError(f"{len(left)} files not restored, e.g. {left[0]}")
             t0 = time.perf_counter()
             demo.hsm_request(self.mnt, "release", inos)
             row.ours.append(time.perf_counter() - t0)
-            left = demo.wait_hsm(self.small_paths, RELEASED, 60)
-            if left:
-                raise DemoError(f"{len(left)} files not released, e.g. {left[0]}")
-        row.note = "synchronous, as Lustre's"
+            for p in paths:  # each one released, with nothing left on the OSTs
+                inf = info(p)
+                if inf["hsm"]["flags"] != RELEASED or inf["present_bytes"]:
+                    raise DemoError(f"{p} not released: flags {inf['hsm']['flags']:#x}, "
+                                    f"{inf['present_bytes']} bytes local")
+        row.note = (f"synchronous, as Lustre's; {len(paths):,} x 4 KiB files written through "
+                    "the mount and archived, each holding its data locally")
 
     def restore_small(self) -> float:
         inos = [os.stat(p).st_ino for p in self.small_paths]
@@ -954,6 +1115,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--large-size", help="size of the large file (default 1G)")
     p.add_argument("--small-files", type=int, help="number of small files (default 2000)")
     p.add_argument("--small-size", help="size of each small file (default 128K)")
+    p.add_argument("--release-files", type=int, help="files of the hsm_release row, written "
+                   "through the mount and archived first (default 10000, 1000 with --small)")
     p.add_argument("--readers", type=int, help="parallel readers (default 8)")
     p.add_argument("--write-size", help="size of the written file (default 128M)")
     p.add_argument("--osts", type=int, help="OSTs (default 2)")
@@ -962,6 +1125,10 @@ def parser() -> argparse.ArgumentParser:
                    "file is striped over the OSTs)")
     p.add_argument("--only", action="append", choices=SECTIONS,
                    help="run only this part of the table (repeatable; default: all)")
+    p.add_argument("--walk-files", type=int, help="empty objects of the big walk + stat rows "
+                   "(default 100000, 5000 with --small; 0 skips them)")
+    p.add_argument("--walk-dir-files", type=int, help="files per directory of the big walk's "
+                   "tree (default 1000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -975,9 +1142,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(**SMALL) if args.small else Config()
     try:
         for name, conv in (("large_size", demo.parse_size), ("small_files", int),
+                           ("release_files", int),
                            ("small_size", demo.parse_size), ("readers", int),
                            ("write_size", demo.parse_size), ("osts", int),
-                           ("stripe_size", str), ("imported_file_chunk_size", str)):
+                           ("stripe_size", str), ("imported_file_chunk_size", str),
+                           ("walk_files", int), ("walk_dir_files", int)):
             v = getattr(args, name)
             if v is not None:
                 field_name = {"large_size": "large", "imported_file_chunk_size": "imported_chunk"
@@ -985,7 +1154,10 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(cfg, field_name, conv(v))
     except ValueError as e:
         parser().error(str(e))
-    if cfg.large < 4096 or cfg.small_files < 1 or cfg.readers < 1 or cfg.write_size < 1:
+    if cfg.walk_files < 0 or cfg.walk_dir_files < 1:
+        parser().error("--walk-files must be >= 0 and --walk-dir-files >= 1")
+    if cfg.large < 4096 or cfg.small_files < 1 or cfg.readers < 1 or cfg.write_size < 1 \
+            or cfg.release_files < 1:
         parser().error("sizes and counts must be positive (large file >= 4 KiB)")
     if not os.path.exists("/dev/fuse"):
         say("lustrefuse bench: /dev/fuse is missing", err=True)

@@ -9,6 +9,7 @@ sequential access prefetches the next chunks.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import logging
@@ -37,6 +38,7 @@ PREFETCH_CHUNKS = 64  # a sequential reader keeps this many chunks in flight (Lu
 CLOSE_DELAY = 0.01  # read-only closes wait this long for an open to carry them to the MDS
 READ_AHEAD_OPEN = 1 << 20  # bytes of the first chunk read ahead at open
 PASSTHROUGH_PREFIXES = (b"security.", b"system.")  # answered locally: no ACLs, no caps
+DIR_PAGE = 1000  # directory entries per MDS readdir call; an open directory holds one page
 
 
 def fuse_errors(fn):
@@ -101,6 +103,85 @@ class OpenFile:
         return bool(self.st["s3_key"]) and self.layout.chunk_length(s, self.st["s3_size"] or 0) > 0
 
 
+def object_stamp(st: dict) -> tuple:
+    """What the MDS says about a file's data: equal stamps, same OST objects' contents
+    (with the objects' own fstat, see ObjectCache). A write bumps the data version, a
+    release or hydration changes the presence bits and HSM flags, a re-import the ETag."""
+    return (st["dv"], st["size"], st["mtime_ns"], st["ctime_ns"], st["hsm"], st["present"],
+            st["s3_key"], st["etag"], st["s3_size"], json.dumps(st["layout"], sort_keys=True))
+
+
+def fd_stamp(fd: int) -> tuple | None:
+    """An object file as seen through our descriptor: any OST write, hydration, punch or
+    truncate changes it; a destroyed object has no links left (None)."""
+    st = os.fstat(fd)
+    if st.st_nlink == 0:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class ObjectCache:
+    """Per inode: the same-host OST descriptors and chunk tables of the last read-only
+    open, so that the next open of an unchanged file needs no OST round trip. Handles
+    get their own ``dup`` of each descriptor and a copy of each table; entries are
+    checked at every use (``object_stamp`` from the MDS's open reply, ``fd_stamp``)."""
+
+    def __init__(self, max_fds: int):
+        from collections import OrderedDict
+
+        self.max_fds = max_fds
+        self.entries: OrderedDict = OrderedDict()  # ino -> (stamp, {ost: (fd, fstat)}, tables)
+        self.nfds = 0
+        self.hits = self.misses = 0
+
+    def take(self, ino: int, stamp: tuple, of: OpenFile) -> bool:
+        """Fill ``of`` from the cache if the entry is still right; else drop it."""
+        ent = self.entries.get(ino)
+        if ent is None:
+            self.misses += 1
+            return False
+        key, fds, tables = ent
+        if key != stamp or any(fd_stamp(fd) != fst for fd, fst in fds.values()):
+            self.drop(ino)
+            self.misses += 1
+            return False
+        self.entries.move_to_end(ino)
+        for idx, (fd, _fst) in fds.items():
+            of.fds[idx] = os.dup(fd)
+        of.tables = {idx: dict(t) for idx, t in tables.items()}
+        self.hits += 1
+        return True
+
+    def put(self, ino: int, stamp: tuple, of: OpenFile):
+        """Remember what a fresh open fetched (only same-host objects: they can be
+        checked with fstat)."""
+        self.drop(ino)
+        if not of.fds or any(fd is None for fd in of.fds.values()) or len(of.fds) > self.max_fds:
+            return
+        fds = {}
+        try:
+            for idx, fd in of.fds.items():
+                fst = fd_stamp(fd)
+                if fst is None:
+                    raise OSError(errno.ESTALE, "object destroyed")
+                fds[idx] = (os.dup(fd), fst)
+        except OSError:
+            for fd, _ in fds.values():
+                os.close(fd)
+            return
+        self.entries[ino] = (stamp, fds, {idx: dict(t) for idx, t in of.tables.items()})
+        self.nfds += len(fds)
+        while self.nfds > self.max_fds:
+            self.drop(next(iter(self.entries)))
+
+    def drop(self, ino: int):
+        ent = self.entries.pop(ino, None)
+        if ent is not None:
+            for fd, _ in ent[1].values():
+                os.close(fd)
+            self.nfds -= len(ent[1])
+
+
 class Counters(dict):
     """The client's counters, for ``lustrefuse stats`` and Prometheus alike."""
 
@@ -133,6 +214,9 @@ class Filesystem(pyfuse3.Operations):
         self.fsname = "lustrefuse"
         self.mountpoint = ""
         self.hydrate_limit = trio.CapacityLimiter(64)  # one budget for reads and prefetch
+        self.objects = ObjectCache(object_cache_fds())
+        self.closing: list[int] = []  # MDS handles of read-only files closed, not yet sent
+        self.closes_due = trio.Event()
 
     async def start(self, nursery):
         self.nursery = nursery
@@ -140,6 +224,7 @@ class Filesystem(pyfuse3.Operations):
         self.fsname = info["fsname"]
         await self._refresh_osts()
         nursery.start_soon(self._keepalive)
+        nursery.start_soon(self._close_sender)
 
     async def _keepalive(self):
         """Keep the MDS session; after an MDS restart, re-open our files there (replay), so
@@ -200,6 +285,27 @@ class Filesystem(pyfuse3.Operations):
         e.st_ctime_ns = a["ctime_ns"]
         return e
 
+    def _entry_row(self, r) -> pyfuse3.EntryAttributes:
+        """``_entry`` of a flat readdir row: (cookie, name, *namespace.ATTR_COLS)."""
+        e = pyfuse3.EntryAttributes()
+        ino = r[2]
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = e.attr_timeout = self.attr_timeout
+        e.st_mode = r[3]
+        e.st_uid = r[4]
+        e.st_gid = r[5]
+        e.st_nlink = r[6]
+        size = self._local_size(ino, r[7]) if self.writers else r[7]
+        e.st_size = size
+        e.st_atime_ns = r[8]
+        e.st_mtime_ns = r[9]
+        e.st_ctime_ns = r[10]
+        e.st_rdev = r[11]
+        e.st_blksize = 1 << 20
+        e.st_blocks = 0 if r[13] & hsm.RELEASED else (size + 511) // 512
+        return e
+
     def _ctl_entry(self) -> pyfuse3.EntryAttributes:
         now = time.time_ns()
         return self._entry({"ino": CTL_INO, "mode": stat.S_IFREG | 0o666, "nlink": 1, "uid": 0,
@@ -212,12 +318,14 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if parent == pyfuse3.ROOT_INODE and name == CTL_NAME:
             return self._ctl_entry()
+        self.counters.add("lookups")
         return self._entry(await self.mds.call("lookup", parent=parent, name=bytes(name)))
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
         if inode == CTL_INO:
             return self._ctl_entry()
+        self.counters.add("getattrs")
         return self._entry(await self.mds.call("getattr", ino=inode))
 
     @fuse_errors
@@ -291,24 +399,40 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def opendir(self, inode, ctx):
         fh = next(self._fh)
-        self.dirs[fh] = [inode, 0, []]  # ino, last id fetched, page cache
+        # ino, the page (flat rows), the cookie it was fetched after, the cookie after
+        # which the directory ended when last asked (None: not known)
+        self.dirs[fh] = [inode, [], 0, None]
         return fh
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
-        ino, _last, cache = self.dirs[fh]
+        """Entries after cookie ``start_id`` (the MDS's dentry id), fetched a page at a
+        time by keyset pagination: memory per open directory is one page, whatever its
+        size. The kernel asks again where its buffer filled up; a page shorter than
+        asked for marks the end, so the final call costs no round trip."""
+        d = self.dirs[fh]
+        ino = d[0]
         after = start_id
+        self.counters.add("readdirs")
         while True:
-            page = [e for e in cache if e[0] > after]
-            if not page:
-                page = await self.mds.call("readdir", ino=ino, after=after, limit=1000)
+            page, page_after, end = d[1], d[2], d[3]
+            if page and page_after <= after < page[-1][0]:
+                i = bisect.bisect_right(page, after, key=_cookie)
+            elif end is not None and after >= end:
+                return
+            else:
+                page = await self.mds.call("readdir", ino=ino, after=after, limit=DIR_PAGE,
+                                           rows=True)
+                self.counters.add("readdir_pages")
+                d[1], d[2] = page, after
+                d[3] = (page[-1][0] if page else after) if len(page) < DIR_PAGE else None
                 if not page:
                     return
-                self.dirs[fh][2] = cache = page
-            for eid, name, attr in page:
-                if not pyfuse3.readdir_reply(token, bytes(name), self._entry(attr), eid):
+                i = 0
+            for r in page[i:] if i else page:
+                if not pyfuse3.readdir_reply(token, bytes(r[1]), self._entry_row(r), r[0]):
                     return
-                after = eid
+                after = r[0]
 
     @fuse_errors
     async def releasedir(self, fh):
@@ -327,10 +451,12 @@ class Filesystem(pyfuse3.Operations):
     async def unlink(self, parent, name, ctx):
         if parent == pyfuse3.ROOT_INODE and name == CTL_NAME:
             raise pyfuse3.FUSEError(errno.EPERM)
+        await self.flush_closes()  # a last close frees the inode now, as before
         await self.mds.call("unlink", parent=parent, name=bytes(name))
 
     @fuse_errors
     async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        await self.flush_closes()  # a replaced target is freed now if nobody holds it
         await self.mds.call("rename", parent=parent_old, name=bytes(name_old),
                             newparent=parent_new, newname=bytes(name_new), flags=flags)
 
@@ -373,12 +499,36 @@ class Filesystem(pyfuse3.Operations):
     # -- files -------------------------------------------------------------
 
     async def _open_file(self, ino: int, writable: bool) -> OpenFile:
-        st = await self.mds.call("open", ino=ino, client=self.client_id, writable=writable)
+        closes, self.closing = self.closing, []  # read-only closes ride along (see release)
+        try:
+            st = await self.mds.call("open", ino=ino, client=self.client_id, writable=writable,
+                                     **({"closes": closes} if closes else {}))
+        except BaseException:
+            self.closing[:0] = closes  # maybe not seen: again (a second close is a no-op)
+            raise
         if not stat.S_ISREG(st["mode"]):
             await self.mds.call("close", handle=st["handle"])
             raise pyfuse3.FUSEError(errno.EINVAL)
         of = OpenFile(ino, st["handle"], st, Layout.from_dict(st["layout"]),
                       self._local_size(ino, st["size"]), writable)
+        # nobody writes it (the MDS says so) and it is what we saw last time: the objects'
+        # descriptors and chunk tables from then are still right (no OST round trip)
+        cacheable = not writable and st.get("writers") is False
+        key = object_stamp(st)
+        if cacheable and self.objects.take(ino, key, of):
+            self.counters.add("object_cache_hits")
+        else:
+            if writable:
+                self.objects.drop(ino)
+            await self._open_objects(of)
+            if cacheable:
+                self.objects.put(ino, key, of)
+        self._read_ahead_first(of)
+        return of
+
+    async def _open_objects(self, of: OpenFile):
+        """Each OST's descriptor of the object (same host) and its chunk table."""
+        ino = of.ino
         try:
             for idx in sorted(set(of.layout.osts)):
                 ost = await self.ost(idx)
@@ -395,7 +545,16 @@ class Filesystem(pyfuse3.Operations):
             self._close_fds(of)
             await self.mds.call("close", handle=of.handle)
             raise
-        return of
+
+    def _read_ahead_first(self, of: OpenFile):
+        """Start the disk read of the first chunk while the kernel turns the open
+        around: a reader that opens a file reads its beginning next (small files whole)."""
+        idx = of.layout.ost_of_chunk(0)
+        fd = of.fds.get(idx)
+        ent = of.tables.get(idx, {}).get(0)
+        if fd is not None and ent and not of.writable:
+            os.posix_fadvise(fd, of.layout.chunk_object_offset(0), min(ent[0], READ_AHEAD_OPEN),
+                             os.POSIX_FADV_WILLNEED)
 
     def _close_fds(self, of: OpenFile):
         for fd in of.fds.values():
@@ -480,6 +639,8 @@ class Filesystem(pyfuse3.Operations):
                     done.set()
 
     def _prefetch(self, of: OpenFile, chunks: list[int]):
+        """One GET per run of adjacent chunks, whichever OSTs hold them: the run's
+        fetcher hands the other OSTs their chunks (1 MiB GETs cost far more per byte)."""
         by_ost: dict[int, list[int]] = {}
         for run in of.layout.get_runs(chunks, GET_SPAN):
             by_ost.setdefault(of.layout.fetcher_of_run(run, GET_SPAN), []).extend(run)
@@ -573,7 +734,11 @@ class Filesystem(pyfuse3.Operations):
     async def _read_object(self, of: OpenFile, idx: int, offset: int, length: int) -> bytes:
         fd = of.fds.get(idx)
         if fd is not None:
-            data = os.pread(fd, length, offset)  # page-cache hot: cheaper inline than a thread
+            data = pread_cached(fd, length, offset)  # page-cache hot: cheaper inline
+            if len(data) < length:  # not cached (or EOF): the disk must not stall the loop
+                self.counters.add("object_reads_uncached")
+                data += await trio.to_thread.run_sync(os.pread, fd, length - len(data),
+                                                      offset + len(data))
         else:
             ost = await self.ost(idx)
             data = await ost.call("read", ino=of.ino, offset=offset, length=length)
@@ -677,7 +842,37 @@ class Filesystem(pyfuse3.Operations):
                     if not fhs:
                         del self.writers[of.ino]
             self._close_fds(of)
-            await self.mds.call("close", handle=of.handle)
+            if of.writable or self.nursery is None:
+                await self.mds.call("close", handle=of.handle)
+            else:  # read-only: the MDS hears of it with our next open, or within CLOSE_DELAY
+                self.closing.append(of.handle)
+                self.closes_due.set()
+
+    async def _close_sender(self):
+        """Tell the MDS about read-only closes no open carried along (a background task:
+        it never raises). Writable handles close synchronously (size, trim, writers)."""
+        while True:
+            await self.closes_due.wait()
+            self.closes_due = trio.Event()
+            await trio.sleep(CLOSE_DELAY)
+            if not await self.flush_closes():
+                await trio.sleep(KEEPALIVE)  # the MDS is away: its restart forgets them
+                self.closes_due.set()
+
+    async def flush_closes(self) -> bool:
+        """Send pending read-only closes now (before anything that depends on the MDS
+        knowing a file is no longer open here: release, unlink, rename)."""
+        if not self.closing:
+            return True
+        handles, self.closing = self.closing, []
+        try:
+            await self.mds.call("close", handle=handles[0], more=handles[1:], timeout=10)
+        except (RpcError, OSError, trio.TooSlowError) as e:
+            log.info("closing %d handles on the MDS: %s; will retry", len(handles), e)
+            self.closing[:0] = handles  # handles are never reused: a repeat is harmless
+            return False
+        self.counters.add("batched_closes", len(handles))
+        return True
 
     # -- extended attributes and the control plane --------------------------
 
@@ -780,11 +975,11 @@ class Filesystem(pyfuse3.Operations):
             uid = 0
         else:
             uid = ctx.uid
+        await self.flush_closes()  # a file closed here is not open to a release
         await self.mds.call("hsm_request", action=action, inos=inos, uid=uid,
                             archive_id=archive_id)
         if action == "release":  # the next read must fetch again, not hit old pages
-            for ino in inos:
-                await trio.to_thread.run_sync(invalidate_data, ino)
+            await trio.to_thread.run_sync(invalidate_data_many, inos)
 
     async def _ctl_set(self, name: bytes, value: bytes, ctx):
         try:
@@ -832,6 +1027,34 @@ class Filesystem(pyfuse3.Operations):
         return
 
 
+def pread_cached(fd: int, length: int, offset: int) -> bytes:
+    """What of ``[offset, offset+length)`` the page cache holds, without waiting for the
+    disk (``RWF_NOWAIT``): a short answer means "not cached" or EOF."""
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return b""
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        return os.pread(fd, length, offset)  # a filesystem without RWF_NOWAIT
+    del buf[n:]
+    return buf
+
+
+def object_cache_fds() -> int:
+    """Descriptors the object cache may hold: a quarter of our limit, at most 4096."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(0, min(4096, soft // 4)) if soft != resource.RLIM_INFINITY else 4096
+
+
+def _cookie(row) -> int:
+    return row[0]
+
+
 def invalidate_attrs(ino: int):
     try:
         pyfuse3.invalidate_inode(ino, attr_only=True)
@@ -844,6 +1067,11 @@ def invalidate_data(ino: int):
         pyfuse3.invalidate_inode(ino, attr_only=False)
     except OSError:
         pass
+
+
+def invalidate_data_many(inos: list[int]):
+    for ino in inos:  # one thread hop for a whole batch (a hop costs ~0.4 ms)
+        invalidate_data(ino)
 
 
 def may_read(a: dict, uid: int, gid: int) -> bool:

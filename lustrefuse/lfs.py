@@ -326,6 +326,7 @@ def _request_items(cmd: str, a) -> tuple[str | None, list[tuple[str, int]], int]
                 _error(cmd, f"hsm: '{name}' is not a valid FID")
                 rc = 1
         return root, items, rc
+    roots: dict[tuple[int, str], str | None] = {}
     for name in names:
         try:
             st = os.lstat(name)
@@ -337,7 +338,12 @@ def _request_items(cmd: str, a) -> tuple[str | None, list[tuple[str, int]], int]
             _error(cmd, f'error: "{name}" is not a regular file')
             rc = 1
             continue
-        here = mount_root(name)
+        # one mount lookup a directory, not a file (it reads /proc/self/mounts and stats
+        # the path's ancestors: ~1 ms, ten seconds for 10,000 files)
+        where = (st.st_dev, os.path.dirname(os.path.abspath(name)))
+        if where not in roots:
+            roots[where] = mount_root(name)
+        here = roots[where]
         if here is None:
             _error(cmd, f"'{name}' is not on a Lustre filesystem: {os.strerror(errno.ENOTTY)}")
             rc = 1
@@ -345,13 +351,30 @@ def _request_items(cmd: str, a) -> tuple[str | None, list[tuple[str, int]], int]
             _error(cmd, f"All files should be on the same filesystem: {name}")
             rc = 1
         else:
-            try:
-                items.append((name, _info(name)["ino"]))
-                root = here
-            except OSError as e:
-                _error(cmd, f"Cannot read FID of {name}: {_strerror(e)}")
-                rc = 1
+            # the mount reports each file's inode number (its FID's sequence) as st_ino:
+            # no round trip to the MDS a file, as llapi_path2fid needs none on Lustre
+            items.append((name, st.st_ino))
+            root = here
     return root, items, rc
+
+
+XATTR_SIZE_MAX = 65536  # the kernel's limit on an extended attribute value
+
+
+def _request_batches(items: list[tuple[str, int]], empty: dict) -> list[list[tuple[str, int]]]:
+    """``items`` in as few requests as fit: each request is ``empty`` with the inode
+    numbers of its items as "inos", JSON-encoded by ``_send`` within XATTR_SIZE_MAX."""
+    base = len(json.dumps(empty).encode())
+    batches: list[list[tuple[str, int]]] = []
+    size = base
+    for item in items:
+        n = len(str(item[1])) + 2  # the number and its ", "
+        if not batches or size + n > XATTR_SIZE_MAX:
+            batches.append([])
+            size = base
+        batches[-1].append(item)
+        size += n
+    return batches
 
 
 def _hsm_request(action: str):
@@ -367,13 +390,9 @@ def _hsm_request(action: str):
             _error(cmd, f"Cannot read the file list {a.filelist}: {_strerror(e)}")
             return 1
         extra = {k: v for k, v in (("archive_id", a.archive), ("data", a.data)) if v is not None}
-        # release is done file by file (a refusal names its file); the other
-        # actions are one request, as Lustre sends them
-        if action == "release":
-            batches = [[item] for item in items]
-        else:
-            batches = [items] if items else []
-        for batch in batches:
+        # one request, as Lustre sends it (a release of them all is all or nothing), cut
+        # only where it would not fit in one extended attribute value
+        for batch in _request_batches(items, {"action": action, "inos": [], **extra}):
             try:
                 _send(root, XATTR_REQUEST,
                       {"action": action, "inos": [ino for _, ino in batch], **extra})

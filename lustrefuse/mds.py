@@ -63,11 +63,15 @@ class Mds:
         for idx, addr in (self.ns.meta_get("ost_addrs", {}) or {}).items():
             self._add_ost(int(idx), addr)
         self.lock = threading.Lock()
+        self.releasing: set[int] = set()  # inodes a release is punching: opens wait
+        self.release_done = threading.Condition(self.lock)
         # open tracking: handle -> (client, ino, writable)
         self.opens: dict[int, tuple[str, int, bool]] = {}
         self.open_count: dict[int, int] = {}
         self.clients: set[str] = set()
-        self._handles = iter(range(1, 1 << 62))
+        # handles are never reused, not even across restarts: a close that a client sent
+        # to the MDS before a restart (or repeats) cannot close a handle of the new one
+        self._handles = iter(range(time.time_ns() >> 6, 1 << 62))
         self.importer: Importer | None = None
         self.import_thread: threading.Thread | None = None
         self.bg = ThreadPoolExecutor(4, thread_name_prefix="mds-bg")
@@ -135,15 +139,29 @@ class Mds:
                 return any(i == ino and w for _c, i, w in self.opens.values())
             return self.open_count.get(ino, 0) > 0
 
-    def h_open(self, peer, ino: int, client: str, writable: bool = False):
+    def h_open(self, peer, ino: int, client: str, writable: bool = False,
+               closes: list | None = None):
+        """Open ``ino`` for ``client``; ``closes``: handles it closed meanwhile (read-only
+        closes ride along with the next open, see ``h_close``). The reply says whether
+        anyone has the file open for write (a client may then not reuse cached tables)."""
         st = self.ns.file_state(ino)
         if writable:
             self.ns.note_writer(ino, True)
+        waited = False
         with self.lock:
+            while ino in self.releasing:  # its data is being punched: wait for the release
+                self.release_done.wait(1.0)
+                waited = True
             h = next(self._handles)
             self.opens[h] = (client, ino, writable)
             self.open_count[ino] = self.open_count.get(ino, 0) + 1
+            writers = writable or any(i == ino and w for _c, i, w in self.opens.values())
+        if waited:  # released meanwhile: the state read above is out of date
+            st = self.ns.file_state(ino)
         st["handle"] = h
+        st["writers"] = writers
+        for c in closes or ():  # after the open: never the last close of this inode
+            self._close(int(c))
         return st
 
     def h_file_state(self, peer, ino: int):
@@ -184,8 +202,11 @@ class Mds:
             except (OSError, RpcError) as e:
                 log.error("cannot trim inode %d on OST %d: %s", ino, idx, e)
 
-    def h_close(self, peer, handle: int):
+    def h_close(self, peer, handle: int, more: list | None = None):
+        """Close one handle, or a batch (``more``): unknown handles are no-ops."""
         self._close(handle)
+        for h in more or ():
+            self._close(int(h))
 
     def _destroy(self, ino: int):
         """Free an inode nobody names or holds open, and its OST objects."""
@@ -213,8 +234,13 @@ class Mds:
     def h_lookup(self, peer, parent: int, name: bytes):
         return self.ns.lookup(parent, name)
 
-    def h_readdir(self, peer, ino: int, after: int = 0, limit: int = 1000):
-        return self.ns.readdir(ino, after, min(int(limit), 5000))
+    def h_readdir(self, peer, ino: int, after: int = 0, limit: int = 1000, rows: bool = False):
+        """One page of a directory (at most 5,000 entries); ``rows``: flat rows
+        (cookie, name, *namespace.ATTR_COLS), the client's compact form."""
+        limit = max(0, min(int(limit), 5000))  # never negative: LIMIT -1 is no limit
+        if rows:
+            return self.ns.readdir_rows(ino, int(after), limit)
+        return self.ns.readdir(ino, int(after), limit)
 
     def h_readlink(self, peer, ino: int):
         return self.ns.readlink(ino)
@@ -435,25 +461,88 @@ class Mds:
 
     def release(self, ino: int, wait_open: float = 1.0) -> int:
         """Drop a file's local data, keep its namespace (Lustre's synchronous release)."""
-        st = self.ns.file_state(ino)
-        if not stat.S_ISREG(st["mode"]):
-            raise RpcError(errno.EINVAL, "not a regular file")
+        return self.release_many([ino], 0, wait_open)
+
+    def release_many(self, inos: list[int], uid: int = 0, wait_open: float = 1.0) -> int:
+        """Release files as one request, all or nothing: every file is checked first
+        (owner or root, regular, archived and clean, not open). Then, so that a crash
+        at any point leaves no file marked released with its only copy gone and no
+        presence bit for a punched chunk: one MDS transaction forgets the chunks, each
+        OST punches all its objects in one call, one transaction marks them released.
+        Returns the bytes freed."""
+        inos = list(dict.fromkeys(inos))
+        states = self.ns.release_states(inos)
+        todo: list[int] = []
+        by_ost: dict[int, list[int]] = {}
+        osts_of: dict[str, list[int]] = {}  # layout JSON -> its OSTs (files share layouts)
+        for ino in inos:
+            mode, owner, flags, lay, present = states[ino]
+            if uid != 0 and owner != uid:
+                raise RpcError(errno.EPERM, "only the owner or root may release")
+            if not stat.S_ISREG(mode):
+                raise RpcError(errno.EINVAL, "not a regular file")
+            try:
+                if not hsm.release_check(flags) and not present:
+                    continue  # released and nothing local: a no-op, as Lustre
+            except hsm.HsmError as e:
+                raise RpcError(e.errno, str(e)) from None
+            todo.append(ino)
+            if lay:
+                osts = osts_of.get(lay)
+                if osts is None:
+                    osts = osts_of[lay] = sorted(set(json.loads(lay)["osts"]))
+                for idx in osts:
+                    by_ost.setdefault(idx, []).append(ino)
+        if not todo:
+            return 0
+        self._hold_for_release(todo, wait_open)
         try:
-            if not hsm.release_check(st["hsm"]) and not st["present"]:
-                return 0  # released and nothing local: a no-op, as Lustre
-        except hsm.HsmError as e:
-            raise RpcError(e.errno, str(e)) from None
-        deadline = time.monotonic() + wait_open
-        while self.is_open(ino):  # a close() may still be on its way from the kernel
-            if time.monotonic() > deadline:
-                raise RpcError(errno.EBUSY, "file is open")
-            time.sleep(0.02)
-        freed = 0
-        lay = st["layout"]
-        for idx in set(lay["osts"]) if lay else ():
-            freed += self.ost(idx).call("punch", ino=ino) or 0
-        self.ns.mark_released(ino)
+            self.ns.forget_present_many(todo)
+            freed = self._punch_many(by_ost)
+            self.ns.mark_released_many(todo)
+        finally:
+            with self.lock:
+                self.releasing.difference_update(todo)
+                self.release_done.notify_all()
         return freed
+
+    def _hold_for_release(self, inos: list[int], wait_open: float):
+        """EBUSY if one of the files stays open for ``wait_open`` seconds (a close() may
+        still be on its way from the kernel); else hold off their opens until the
+        release is done (h_open waits), in the same lock hold as the check."""
+        deadline = time.monotonic() + wait_open
+        with self.lock:
+            while True:
+                if any(self.open_count.get(i) for i in inos):
+                    if time.monotonic() > deadline:
+                        raise RpcError(errno.EBUSY, "file is open")
+                elif not self.releasing.intersection(inos):  # else another release's
+                    break
+                self.release_done.wait(0.02)
+            self.releasing.update(inos)
+
+    def _punch_many(self, by_ost: dict[int, list[int]]) -> int:
+        """One ``punch_many`` call per OST, the OSTs in parallel. Bytes freed."""
+        freed, errors = [], []
+
+        def one(idx: int, inos: list[int]):
+            try:
+                freed.append(self.ost(idx).call("punch_many", inos=inos,
+                                                timeout=max(30.0, len(inos) / 500)) or 0)
+            except (OSError, RpcError) as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=item) for item in list(by_ost.items())[1:]]
+        for t in threads:
+            t.start()
+        for item in list(by_ost.items())[:1]:
+            one(*item)  # the first OST on this thread
+        for t in threads:
+            t.join()
+        if errors:
+            e = errors[0]
+            raise e if isinstance(e, RpcError) else RpcError(errno.EIO, f"punch failed: {e}")
+        return sum(freed)
 
     def h_mark_lost(self, peer, ino: int, etag: str | None):
         """An OST found the archive copy changed or gone: LOST, until a re-import."""

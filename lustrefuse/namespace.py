@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS dentries (
     UNIQUE (parent, name)
 );
 CREATE INDEX IF NOT EXISTS dentries_ino ON dentries(ino);
+-- readdir pages walk (parent, id) in order: without it each page of a directory read
+-- and sorted every entry of the directory (a temp B-tree), quadratic in its size
+CREATE INDEX IF NOT EXISTS dentries_parent_id ON dentries(parent, id);
 CREATE INDEX IF NOT EXISTS inodes_key ON inodes(s3_key);
 CREATE TABLE IF NOT EXISTS xattrs (
     ino INTEGER NOT NULL,
@@ -75,9 +78,15 @@ CREATE TABLE IF NOT EXISTS hsm_requests (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS hsm_requests_state ON hsm_requests(state, ino);
+-- the coordinator's claim (oldest WAITING first) without sorting the whole queue
+CREATE INDEX IF NOT EXISTS hsm_requests_claim ON hsm_requests(state, id);
 """
 
 ATTR_COLS = "ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, data_version, hsm"
+READDIR_SQL = (f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in ATTR_COLS.split(','))} "
+               "FROM dentries d INDEXED BY dentries_parent_id JOIN inodes i ON i.ino = d.ino "
+               "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?")
+IN_BATCH = 500  # inodes per "WHERE ino IN (...)" (SQLite caps bound parameters)
 
 
 def now_ns() -> int:
@@ -210,14 +219,17 @@ class Namespace:
             return self.getattr(ino)
 
     def readdir(self, ino: int, after: int, limit: int) -> list:
+        """One page of a directory: (cookie, name, attributes) of up to ``limit`` entries
+        whose cookie is above ``after`` (keyset pagination on the (parent, id) index: a
+        page costs its own size, never the directory's)."""
+        return [(r[0], r[1], attr_of(r[2:])) for r in self.readdir_rows(ino, after, limit)]
+
+    def readdir_rows(self, ino: int, after: int, limit: int) -> list:
+        """``readdir`` as flat rows: (cookie, name, *ATTR_COLS); a third of the bytes
+        on the wire and no dict per entry."""
         with self.lock:
             self._dir(ino)
-            rows = self.db.execute(
-                f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in ATTR_COLS.split(','))} "
-                "FROM dentries d JOIN inodes i ON i.ino = d.ino "
-                "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
-                (ino, after, limit)).fetchall()
-        return [(r[0], r[1], attr_of(r[2:])) for r in rows]
+            return self.db.execute(READDIR_SQL, (ino, after, limit)).fetchall()
 
     def readlink(self, ino: int) -> bytes:
         (target,) = self._row(ino, "target")
@@ -569,6 +581,38 @@ class Namespace:
             (flags,) = self._row(ino, "hsm")
             db.execute("UPDATE inodes SET present=NULL, hsm=? WHERE ino=?",
                        (hsm.after_release(flags), ino))
+
+    def release_states(self, inos: list[int]) -> dict[int, tuple]:
+        """(mode, uid, hsm, layout JSON, present) of many inodes in a few queries: what
+        a release checks. ENOENT when one is gone."""
+        out: dict[int, tuple] = {}
+        with self.lock:
+            for i in range(0, len(inos), IN_BATCH):
+                part = inos[i:i + IN_BATCH]
+                out.update((r[0], r[1:]) for r in self.db.execute(
+                    "SELECT ino, mode, uid, hsm, layout, present FROM inodes WHERE ino IN "
+                    f"({','.join('?' * len(part))})", part))
+        for ino in inos:
+            if ino not in out:
+                raise RpcError(errno.ENOENT, f"no inode {ino}")
+        return out
+
+    def forget_present_many(self, inos: list[int]):
+        """Step one of a release, before the OSTs punch: the MDS stops counting on the
+        chunks, so a crash part-way never leaves it marking present what is gone."""
+        with self.tx() as db:
+            db.executemany("UPDATE inodes SET present=NULL WHERE ino=?", [(i,) for i in inos])
+
+    def mark_released_many(self, inos: list[int]):
+        """The last step of a release of many files: one transaction for all of them."""
+        with self.tx() as db:
+            rows = []
+            for i in range(0, len(inos), IN_BATCH):
+                part = inos[i:i + IN_BATCH]
+                rows += db.execute(f"SELECT ino, hsm FROM inodes WHERE ino IN "
+                                   f"({','.join('?' * len(part))})", part).fetchall()
+            db.executemany("UPDATE inodes SET present=NULL, hsm=? WHERE ino=?",
+                           [(hsm.after_release(flags), ino) for ino, flags in rows])
 
     def set_layout(self, ino: int, layout: Layout):
         with self.tx() as db:

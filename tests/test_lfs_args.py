@@ -256,6 +256,12 @@ def test_hsm_set_and_clear_send_one_change_per_file(capsys, fake_mount):
         (lfs.XATTR_HSM_SET, {"inos": [3], "set": 0, "clear": hsm.EXISTS, "archive_id": 0})]
 
 
+def inos(*paths) -> list[int]:
+    """What requests carry for files: their inode numbers as the mount reports them
+    (a real mount's st_ino is the MDS inode number)."""
+    return [os.stat(p).st_ino for p in paths]
+
+
 def test_restore_sends_one_request_for_all_files(capsys, fake_mount, tmp_path):
     a = fake_mount.add_file("a", 2, hsm.IMPORTED)
     b = fake_mount.add_file("b", 3, hsm.IMPORTED)
@@ -264,36 +270,57 @@ def test_restore_sends_one_request_for_all_files(capsys, fake_mount, tmp_path):
     filelist.write_text(listed + "\n")
     rc, out, err = run(capsys, "hsm_restore", a, b, "--filelist", str(filelist))
     assert (rc, out, err) == (0, "", "")
-    assert fake_mount.sent == [(lfs.XATTR_REQUEST, {"action": "restore", "inos": [2, 3, 4]})]
+    assert fake_mount.sent == [(lfs.XATTR_REQUEST, {"action": "restore",
+                                                    "inos": inos(a, b, listed)})]
 
 
 def test_archive_passes_archive_id_and_data(capsys, fake_mount):
     a = fake_mount.add_file("a", 2)
     rc, _, _ = run(capsys, "hsm_archive", "--archive", "3", "-D", "hello", a)
     assert rc == 0
-    assert fake_mount.sent == [(lfs.XATTR_REQUEST, {"action": "archive", "inos": [2],
+    assert fake_mount.sent == [(lfs.XATTR_REQUEST, {"action": "archive", "inos": inos(a),
                                                     "archive_id": 3, "data": "hello"})]
 
 
 def test_request_refused_names_the_first_file(capsys, fake_mount):
     a = fake_mount.add_file("a", 2)
-    fake_mount.refuse[("archive", 2)] = errno.EPERM
+    fake_mount.refuse[("archive", *inos(a))] = errno.EPERM
     rc, _, err = run(capsys, "hsm_archive", a)
     assert rc == 1
     assert err == (f"lfs hsm_archive: Cannot send HSM request (use of {a}): "
                    "Operation not permitted\n")
 
 
-def test_release_goes_file_by_file(capsys, fake_mount):
+def test_release_is_one_request(capsys, fake_mount):
+    """As Lustre: one request for all the files (the MDS releases all or none), and a
+    refusal names the first file."""
     a = fake_mount.add_file("a", 2, hsm.RESIDENT)
     b = fake_mount.add_file("b", 3, hsm.RESIDENT)
     c = fake_mount.add_file("c", 4, hsm.RESIDENT)
-    fake_mount.refuse[("release", 3)] = errno.EBUSY
+    rc, out, err = run(capsys, "hsm_release", a, b, c)
+    assert (rc, out, err) == (0, "", "")
+    assert fake_mount.sent == [(lfs.XATTR_REQUEST, {"action": "release",
+                                                    "inos": inos(a, b, c)})]
+    fake_mount.sent.clear()
+    fake_mount.refuse[("release", *inos(b))] = errno.EBUSY
     rc, _, err = run(capsys, "hsm_release", a, b, c)
     assert rc == 1
-    assert err == (f"lfs hsm_release: Cannot send HSM request (use of {b}): "
+    assert err == (f"lfs hsm_release: Cannot send HSM request (use of {a}): "
                    "Device or resource busy\n")
-    assert [p["inos"] for _, p in fake_mount.sent] == [[2], [4]]
+    assert fake_mount.sent == []
+
+
+def test_request_batches_fit_an_xattr_value():
+    """Many files: as few requests as fit in one extended attribute value each."""
+    items = [(f"f{i}", 1_000_000 + i) for i in range(30_000)]
+    empty = {"action": "release", "inos": []}
+    batches = lfs._request_batches(items, empty)
+    assert len(batches) == 5  # 9 bytes an inode number: 7,000-odd a request
+    assert [it for b in batches for it in b] == items
+    sizes = [len(json.dumps({**empty, "inos": [i for _, i in b]})) for b in batches]
+    assert all(lfs.XATTR_SIZE_MAX - 20 < n <= lfs.XATTR_SIZE_MAX for n in sizes[:-1])
+    assert sizes[-1] <= lfs.XATTR_SIZE_MAX
+    assert lfs._request_batches([], empty) == []
 
 
 def test_requests_skip_non_regular_files(capsys, fake_mount):
@@ -302,7 +329,7 @@ def test_requests_skip_non_regular_files(capsys, fake_mount):
     rc, _, err = run(capsys, "hsm_archive", d, a)
     assert rc == 1
     assert err == f'lfs hsm_archive: error: "{d}" is not a regular file\n'
-    assert fake_mount.sent == [(lfs.XATTR_REQUEST, {"action": "archive", "inos": [2]})]
+    assert fake_mount.sent == [(lfs.XATTR_REQUEST, {"action": "archive", "inos": inos(a)})]
 
 
 def test_remove_by_fid_with_mntpath(capsys, fake_mount):

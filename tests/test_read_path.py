@@ -307,6 +307,7 @@ def hyd_objects() -> dict:
         "h/seq-stale.bin": big_data(6 * MiB, "seq-stale"),
         "h/rows.bin": big_data(24 * MiB + 5, "rows"),  # 25 chunks over 2 OSTs
         "h/rows-seq.bin": big_data(32 * MiB, "rows-seq"),
+        "h/reopen.bin": big_data(2 * MiB + 3, "reopen"),
     }
 
 
@@ -570,6 +571,41 @@ def test_release_of_open_file_is_ebusy(hyd):
     assert r.returncode == 0, r.stderr
     assert hyd.hsm_flags(k) == hsm.IMPORTED
     assert read_file(p) == hyd_objects()[k]
+
+
+def test_reopen_reuses_objects_until_the_file_changes(hyd):
+    """A read-only re-open of an unchanged file reuses the OST descriptors and chunk
+    tables of the last open (no OST round trip); a release, a restore or a write in
+    between is seen. Read-only closes reach the MDS without another open."""
+    k = "h/reopen.bin"
+    p = hyd.path(k)
+    want = hyd_objects()[k]
+    make_resident(hyd, k)
+
+    def hits():
+        return hyd.stats()["client"].get("object_cache_hits", 0)
+
+    assert read_file(p) == want
+    h0 = hits()
+    assert read_file(p) == want
+    assert hits() == h0 + 1
+    wait_for(lambda: hyd.stats()["mds"]["open_files"] == 0, 5, 0.02, "closes reach the MDS")
+    r = lfs("hsm_release", p)  # just closed: not busy
+    assert r.returncode == 0, r.stderr
+    h1 = hits()
+    assert read_file(p) == want  # released: fetched again, not the old tables
+    assert hits() == h1
+    make_resident(hyd, k)
+    assert read_file(p) == want
+    with open(p, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"new bytes")
+    want = want[:MiB] + b"new bytes" + want[MiB + 9:]
+    h2 = hits()
+    assert read_file(p) == want
+    assert hits() == h2  # written since: not from the cache
+    assert read_file(p) == want
+    assert hits() == h2 + 1
 
 
 def test_release_of_dirty_or_unarchived_file_is_eperm(hyd):
