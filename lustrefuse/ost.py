@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import queue
 import sqlite3
@@ -447,8 +448,11 @@ class OstService:
         """Give OST ``idx`` its chunks of a row we fetched. On failure they are simply not
         present there (the caller sees them missing and asks that OST itself)."""
         try:
-            got = self._peer(idx).call("install", desc=desc,
-                                       chunks=chunks)
+            peer = self._peer(idx)
+            if peer.address.startswith("unix:"):  # same host: the bytes go by descriptor
+                got = self._hand_over_by_fd(peer, desc, chunks)
+            else:
+                got = peer.call("install", desc=desc, chunks=chunks)
             self._count("chunks_handed_over", len(chunks))
             return {int(s): tuple(e) for s, e in got.items()}
         except (OSError, RpcError) as e:
@@ -483,6 +487,22 @@ class OstService:
             with self.sf_lock:
                 for s in run:
                     self.inflight.pop((desc["ino"], s), None)
+
+    @staticmethod
+    def _hand_over_by_fd(peer: rpc.Client, desc: dict, chunks: dict) -> dict:
+        """The chunks written once into an anonymous memory file whose descriptor the
+        other OST maps: no copies through msgpack frames and the socket."""
+        fd = os.memfd_create("lustrefuse-row", os.MFD_CLOEXEC)
+        try:
+            order = sorted(chunks)
+            for s in order:
+                view = memoryview(chunks[s])
+                while view:  # a write to a memory file is whole, but be sure
+                    view = view[os.write(fd, view):]
+            return peer.call("install", desc=desc, lengths={s: len(chunks[s]) for s in order},
+                             send_fds=[fd])
+        finally:
+            os.close(fd)
 
     def hydrate(self, desc: dict, chunks: list[int], wait: bool = True,
                 prefetch: bool = False) -> dict:
@@ -530,9 +550,15 @@ class OstService:
             raise failed
         return result
 
-    def h_install(self, peer, desc: dict, chunks: dict):
-        """Chunks of ours that another OST fetched in its GET of a stripe row. Only
-        chunks we lack are written: a present chunk may be newer (written since)."""
+    def h_install(self, peer, desc: dict, chunks: dict | None = None,
+                  lengths: dict | None = None):
+        """Chunks of ours that another OST fetched in its GET of a stripe row: their
+        bytes (``chunks``), or their ``lengths`` in chunk order in the memory file
+        whose descriptor came with the request (same host). Only chunks we lack are
+        written: a present chunk may be newer (written since)."""
+        if chunks is None:
+            with self._mapped(peer, lengths) as mapped:
+                return self.h_install(peer, desc, mapped)
         ino = desc["ino"]
         lay = Layout.from_dict(desc["layout"])
         chunks = {int(s): b for s, b in chunks.items()}
@@ -567,6 +593,29 @@ class OstService:
                     self.inflight.pop((ino, s), None)
         got.update({s: have[s] for s in chunks if s in have})
         return got
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _mapped(peer, lengths: dict | None):
+        """``{chunk: bytes}`` views of the memory file a same-host OST sent."""
+        if not lengths or len(peer.fds) != 1:
+            raise RpcError(errno.EINVAL, "install needs chunks, or lengths and one descriptor")
+        total = sum(int(n) for n in lengths.values())
+        if total <= 0 or os.fstat(peer.fds[0]).st_size != total:
+            raise RpcError(errno.EINVAL, "the memory file does not hold the chunks' bytes")
+        with mmap.mmap(peer.fds[0], total, prot=mmap.PROT_READ) as m:
+            view = memoryview(m)
+            out = {}
+            try:
+                pos = 0
+                for s in sorted(lengths, key=int):
+                    out[int(s)] = view[pos:pos + int(lengths[s])]
+                    pos += int(lengths[s])
+                yield out
+            finally:
+                for v in out.values():
+                    v.release()
+                view.release()
 
     # -- RPC handlers --------------------------------------------------------
 

@@ -55,6 +55,12 @@ def _take_fds(anc, fds: list):
             fds.extend(a)
 
 
+def _close_all(fds: list[int]):
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+
+
 def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytearray:
     """Exactly ``n`` bytes, received in place: a frame of several MiB is neither
     allocated per ``recv`` nor copied again at the end."""
@@ -105,6 +111,7 @@ class Peer:
     uid: int | None = None  # from SO_PEERCRED on Unix sockets
     host: str | None = None  # the peer's address on TCP
     state: dict = field(default_factory=dict)
+    fds: list = field(default_factory=list)  # descriptors sent with the current request
 
 
 class Server:
@@ -174,10 +181,13 @@ class Server:
                 peer.host = sock.getpeername()[0]
                 if not self._authenticate(sock):
                     return
+            unix = sock.family == socket.AF_UNIX
             while True:
+                peer.fds = []
                 try:
-                    msg = read_frame(sock, server=True)
+                    msg = read_frame(sock, peer.fds if unix else None, server=True)
                 except (ConnectionError, OSError):
+                    _close_all(peer.fds)
                     return
                 except ProtocolError as e:
                     log.warning("rejected a malformed frame: %s", e)
@@ -186,7 +196,10 @@ class Server:
                     except OSError:
                         pass
                     return  # the stream position is unknown now
-                self._dispatch(sock, peer, msg)
+                try:
+                    self._dispatch(sock, peer, msg)
+                finally:  # a handler uses what it was sent during the call only
+                    _close_all(peer.fds)
         finally:
             if self.on_disconnect:
                 try:
@@ -297,7 +310,10 @@ class Client:
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
-    def call(self, op: str, timeout: float | None = None, want_fds: bool = False, **args):
+    def call(self, op: str, timeout: float | None = None, want_fds: bool = False,
+             send_fds: list[int] = (), **args):
+        """``send_fds``: descriptors to hand to the server with the request (Unix
+        sockets only; the server has them for the call's duration)."""
         fds: list[int] = []
         for attempt in (0, 1):
             with self._lock:
@@ -307,7 +323,12 @@ class Client:
                 sock = _connect(self.address, self.secret, self.timeout)
             try:
                 sock.settimeout(timeout or self.timeout)
-                sock.sendall(protocol.request(op, args))
+                frame = protocol.request(op, args)
+                if send_fds:
+                    socket.send_fds(sock, [frame[:1]], list(send_fds))
+                    sock.sendall(memoryview(frame)[1:])
+                else:
+                    sock.sendall(frame)
                 msg = read_frame(sock, fds)
                 break
             except ConnectionError:

@@ -39,8 +39,9 @@ from helpers import (
     wait_for,
 )
 
-from lustrefuse import hsm
+from lustrefuse import hsm, rpc
 from lustrefuse.client import PREFETCH_CHUNKS
+from lustrefuse.protocol import RpcError
 
 IMPORTED_LINE = "{}: (0x0000000d) released exists archived, archive_id:1"
 RESIDENT_LINE = "{}: (0x00000009) exists archived, archive_id:1"
@@ -750,3 +751,28 @@ def test_directory_with_10000_entries(wide):
     print(f"listing and stat of {N_WIDE} entries took {time.monotonic() - t:.1f}s")
     for i in (0, 1, 4999, 9999):
         assert read_file(wide.path(f"big/f{i:05d}")) == str(i).encode().lstrip(b"0")
+
+
+def test_install_refuses_chunks_that_are_not_whole_or_not_its_own(hyd):
+    """The OST call that receives a stripe row's chunks from another OST checks what
+    it is given and changes nothing when it refuses."""
+    k = "h/rows.bin"
+    info = hyd.info(k)
+    lay = info["layout"]
+    desc = {"ino": info["ino"], "layout": lay, "s3_key": k, "etag": None,
+            "s3_size": len(hyd_objects()[k]), "size": len(hyd_objects()[k])}
+    own = {i: lay["osts"][i % 2] for i in range(4)}  # chunk -> the OST that holds it
+    s_theirs = next(s for s, o in own.items() if o != 0)
+    s_ours = next(s for s, o in own.items() if o == 0)
+    ost0 = rpc.Client(f"unix:{hyd.data_dir / 'ost0' / 'ost.sock'}", timeout=10)
+    before = ost0.call("table", ino=info["ino"])
+    cases = [
+        {"chunks": {s_theirs: bytes(MiB)}},  # another OST's chunk
+        {"chunks": {s_ours: bytes(MiB - 1)}},  # not a whole stripe
+        {"lengths": {s_ours: MiB}},  # a memory file announced, none sent
+    ]
+    for args in cases:
+        with pytest.raises(RpcError) as e:
+            ost0.call("install", desc=desc, **args)
+        assert e.value.errno == errno.EINVAL, args
+    assert ost0.call("table", ino=info["ino"]) == before
