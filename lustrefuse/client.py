@@ -264,46 +264,33 @@ class Filesystem(pyfuse3.Operations):
     # -- attributes --------------------------------------------------------
 
     def _entry(self, a: dict) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        ino = a["ino"]
-        e.st_ino = ino
-        e.generation = 0
-        e.entry_timeout = self.attr_timeout
-        e.attr_timeout = self.attr_timeout
-        e.st_mode = a["mode"]
-        e.st_nlink = a["nlink"]
-        e.st_uid = a["uid"]
-        e.st_gid = a["gid"]
-        e.st_rdev = a["rdev"]
-        size = self._local_size(ino, a["size"])
-        e.st_size = size
-        e.st_blksize = 1 << 20
-        # like du on Lustre: a released file holds no local blocks (sanity-hsm 21)
-        e.st_blocks = 0 if a.get("hsm", 0) & hsm.RELEASED else (size + 511) // 512
-        e.st_atime_ns = a["atime_ns"]
-        e.st_mtime_ns = a["mtime_ns"]
-        e.st_ctime_ns = a["ctime_ns"]
-        return e
+        return self._attributes(a["ino"], a["mode"], a["uid"], a["gid"], a["nlink"], a["size"],
+                                a["atime_ns"], a["mtime_ns"], a["ctime_ns"], a["rdev"],
+                                a.get("hsm", 0))
 
     def _entry_row(self, r) -> pyfuse3.EntryAttributes:
         """``_entry`` of a flat readdir row: (cookie, name, *namespace.ATTR_COLS)."""
+        return self._attributes(*r[2:12], r[13])
+
+    def _attributes(self, ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev,
+                    hsm_flags) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        ino = r[2]
         e.st_ino = ino
         e.generation = 0
         e.entry_timeout = e.attr_timeout = self.attr_timeout
-        e.st_mode = r[3]
-        e.st_uid = r[4]
-        e.st_gid = r[5]
-        e.st_nlink = r[6]
-        size = self._local_size(ino, r[7]) if self.writers else r[7]
+        e.st_mode = mode
+        e.st_uid = uid
+        e.st_gid = gid
+        e.st_nlink = nlink
+        size = self._local_size(ino, size) if self.writers else size
         e.st_size = size
-        e.st_atime_ns = r[8]
-        e.st_mtime_ns = r[9]
-        e.st_ctime_ns = r[10]
-        e.st_rdev = r[11]
+        e.st_atime_ns = atime_ns
+        e.st_mtime_ns = mtime_ns
+        e.st_ctime_ns = ctime_ns
+        e.st_rdev = rdev
         e.st_blksize = 1 << 20
-        e.st_blocks = 0 if r[13] & hsm.RELEASED else (size + 511) // 512
+        # like du on Lustre: a released file holds no local blocks (sanity-hsm 21)
+        e.st_blocks = 0 if hsm_flags & hsm.RELEASED else (size + 511) // 512
         return e
 
     def _ctl_entry(self) -> pyfuse3.EntryAttributes:
