@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PUNCH_THREADS = 8  # truncations in flight in one punch_many
 HYDRATE_BUDGET = 64 * 1024 * 1024  # bytes of GETs in flight at once (demand, prefetch, restore)
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of any disk's block
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -70,6 +71,7 @@ class ObjectStore:
             raise SystemExit(f"{root} holds OST {row[0]}, not OST {index}")
         (self.used,) = self.db.execute("SELECT coalesce(sum(length), 0) FROM chunks").fetchone()
         self.reserved = 0
+        self.direct = True  # fetched chunks are written with O_DIRECT while this holds
 
     def path(self, ino: int) -> str:
         # Named by inode number only: object keys never reach the local filesystem.
@@ -85,6 +87,20 @@ class ObjectStore:
                 raise
             os.makedirs(os.path.dirname(p), exist_ok=True)
             return os.open(p, flags, 0o600)
+
+    def open_direct(self, ino: int) -> int | None:
+        """A second descriptor of the object that bypasses the page cache, or None where
+        the filesystem has no O_DIRECT."""
+        if not self.direct:
+            return None
+        try:
+            return os.open(self.path(ino), os.O_WRONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.info("%s has no O_DIRECT: chunks go through the page cache", self.root)
+            self.direct = False
+            return None
 
     def table(self, ino: int) -> dict[int, tuple[int, int]]:
         with self.lock:
@@ -243,6 +259,85 @@ class ObjectStore:
                 "files": st.f_files, "ffree": st.f_ffree, "objects": objects, "used": self.used}
 
 
+def pwrite_all(fd: int, view, offset: int):
+    view = memoryview(view)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def write_chunk(fd: int, fd_direct: int | None, view: memoryview, offset: int):
+    """Write ``view`` at ``offset``: its whole 4 KiB blocks with O_DIRECT when there is a
+    direct descriptor (the view must then start on a page), the tail through the cache."""
+    head = len(view) - len(view) % DIRECT_ALIGN
+    if fd_direct is None or offset % DIRECT_ALIGN or not head:
+        head = 0
+    if head:
+        pwrite_all(fd_direct, view[:head], offset)
+    if head < len(view):
+        pwrite_all(fd, view[head:], offset + head)
+
+
+class RowBuffer:
+    """A page-aligned memory file and its mapping: a GET lands in it, goes to disk from it
+    with O_DIRECT, and travels to a same-host OST as its descriptor."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.fd = os.memfd_create("lustrefuse-row", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.map = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self.map)
+
+    def close(self):
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:  # a view of it still lives (an exception's frame): GC closes it
+            pass
+        os.close(self.fd)
+
+
+class RowBuffers:
+    """Row buffers kept for reuse. Touching fresh memory is not free: on VMs whose host
+    takes back freed guest pages, it costs 1-2 s of CPU per GiB, more than the GET.
+    So GETs land in memory already touched, and chunks bypass our page cache."""
+
+    def __init__(self, size: int, keep: int):
+        self.size = size
+        self.keep = keep
+        self.idle: list[RowBuffer] = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self, n: int):
+        buf = None
+        if n <= self.size:
+            with self.lock:
+                buf = self.idle.pop() if self.idle else None
+        if buf is None:
+            buf = RowBuffer(max(n, self.size))  # one larger than a row is not kept
+        try:
+            yield buf
+        finally:
+            with self.lock:
+                if buf.size == self.size and len(self.idle) < self.keep:
+                    self.idle.append(buf)
+                    buf = None
+            if buf is not None:
+                buf.close()
+
+    def close(self):
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for buf in idle:
+            buf.close()
+
+
 class ByteBudget:
     """Bytes of GETs in flight, bounded: memory is set by configuration, never by how
     many readers, prefetchers and restores there are. One GET larger than the whole
@@ -285,6 +380,7 @@ class OstService:
                                                 thread_name_prefix="prefetch")
         self.inflight: dict[tuple[int, int], Future] = {}
         self.budget = ByteBudget(hydrate_budget)  # one budget for every GET in flight
+        self.rows = RowBuffers(GET_SPAN, max(1, hydrate_budget // GET_SPAN))
         self.peers: dict[int, rpc.Client] = {}  # other OSTs, for chunks of stripe rows
         self.sf_lock = threading.Lock()
         self.reports: queue.Queue = queue.Queue()
@@ -380,19 +476,34 @@ class OstService:
                       desc["s3_key"])
             raise RpcError(errno.ENOSPC, f"OST {self.store.index} is full")
 
-    def _store_chunks(self, ino: int, lay: Layout, pieces: list) -> dict[int, tuple[int, int]]:
+    def _store_chunks(self, ino: int, lay: Layout, pieces: list,
+                      aligned: bool = False) -> dict[int, tuple[int, int]]:
         """Write chunks ``[(s, bytes)]`` into this OST's object, then record them (only
-        then are they present) and report them to the MDS."""
+        then are they present) and report them to the MDS. ``aligned``: every piece
+        starts on a page (a row buffer), so it may go to disk with O_DIRECT."""
         fd = self.store.open(ino, create=True)
+        fd_direct = self.store.open_direct(ino) if aligned else None
         try:
             for s, buf in pieces:
-                os.pwrite(fd, buf, lay.chunk_object_offset(s))
+                try:
+                    write_chunk(fd, fd_direct, memoryview(buf), lay.chunk_object_offset(s))
+                except OSError as e:
+                    if fd_direct is None or e.errno != errno.EINVAL:
+                        raise
+                    log.info("O_DIRECT write refused on OST %d (%s): chunks go through the "
+                             "page cache", self.store.index, e)
+                    self.store.direct = False
+                    os.close(fd_direct)
+                    fd_direct = None
+                    write_chunk(fd, None, memoryview(buf), lay.chunk_object_offset(s))
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 log.error("OST %d is full: chunks of inode %d not stored", self.store.index, ino)
             raise
         finally:
             os.close(fd)
+            if fd_direct is not None:
+                os.close(fd_direct)
         entries = [(s, len(buf), checksum(buf)) for s, buf in pieces]
         self.store.record(ino, entries)
         self._count("chunks_hydrated", len(entries))
@@ -419,19 +530,22 @@ class OstService:
         mine = [(s, p, n) for s, p, n in pieces if lay.ost_of_chunk(s) == self.store.index]
         own = sum(n for _, _, n in mine)
         self._reserve(own, desc, run)
-        with self.budget.hold(pos):
+        with self.budget.hold(pos), self.rows.take(pos) as row:
             try:
-                data = memoryview(self._download(desc, run[0] * lay.stripe_size, pos, run))
-                got = self._store_chunks(ino, lay, [(s, data[p:p + n]) for s, p, n in mine])
+                data = row.view[:pos]
+                self._download(desc, run[0] * lay.stripe_size, data, run)
+                got = self._store_chunks(ino, lay, [(s, data[p:p + n]) for s, p, n in mine],
+                                         aligned=True)
             finally:
                 self.store.unreserve(own)
-            others: dict[int, dict[int, memoryview]] = {}
+            others: dict[int, dict[int, tuple[int, int]]] = {}
             for s, p, n in pieces:
                 idx = lay.ost_of_chunk(s)
                 if idx != self.store.index:
-                    others.setdefault(idx, {})[s] = data[p:p + n]
-            for idx, chunks in others.items():
-                got.update(self._hand_over(idx, desc, chunks))
+                    others.setdefault(idx, {})[s] = (p, n)
+            for idx, spans in others.items():
+                got.update(self._hand_over(idx, desc, row, spans))
+            data.release()
         return got
 
     def _peer(self, idx: int) -> rpc.Client:
@@ -444,27 +558,31 @@ class OstService:
             peer = self.peers[idx] = rpc.Client(addr, self.mds.secret, timeout=120)
         return peer
 
-    def _hand_over(self, idx: int, desc: dict, chunks: dict) -> dict[int, tuple[int, int]]:
-        """Give OST ``idx`` its chunks of a row we fetched. On failure they are simply not
-        present there (the caller sees them missing and asks that OST itself)."""
+    def _hand_over(self, idx: int, desc: dict, row: RowBuffer,
+                   spans: dict[int, tuple[int, int]]) -> dict[int, tuple[int, int]]:
+        """Give OST ``idx`` its chunks ``{s: (offset, length)}`` of a row we fetched into
+        ``row``. A same-host OST gets the row's descriptor and maps it: the bytes are
+        not copied. On failure the chunks are simply not present there (the caller sees
+        them missing and asks that OST itself)."""
         try:
             peer = self._peer(idx)
-            if peer.address.startswith("unix:"):  # same host: the bytes go by descriptor
-                got = self._hand_over_by_fd(peer, desc, chunks)
+            if peer.address.startswith("unix:"):
+                got = peer.call("install", desc=desc, spans=spans, send_fds=[row.fd])
             else:
-                got = peer.call("install", desc=desc, chunks=chunks)
-            self._count("chunks_handed_over", len(chunks))
+                got = peer.call("install", desc=desc, chunks={
+                    s: bytes(row.view[p:p + n]) for s, (p, n) in spans.items()})
+            self._count("chunks_handed_over", len(spans))
             return {int(s): tuple(e) for s, e in got.items()}
         except (OSError, RpcError) as e:
             self.peers.pop(idx, None)  # it may have restarted elsewhere: ask the MDS again
-            log.warning("cannot hand chunks %s of inode %d to OST %d: %s", sorted(chunks),
+            log.warning("cannot hand chunks %s of inode %d to OST %d: %s", sorted(spans),
                         desc["ino"], idx, e)
             return {}
 
-    def _download(self, desc: dict, start: int, length: int, run: list[int]) -> bytes:
+    def _download(self, desc: dict, start: int, into: memoryview, run: list[int]):
         ino, key = desc["ino"], desc["s3_key"]
         try:
-            return self.repo.get_range(key, start, length, desc["etag"])
+            self.repo.get_range_into(key, start, into, desc["etag"])
         except (StaleObject, NoSuchObject) as e:
             why = "changed since import" if isinstance(e, StaleObject) else "deleted"
             log.error("s3 key %r %s (ETag %s): chunks %d-%d of inode %d not fetched; the file "
@@ -487,22 +605,6 @@ class OstService:
             with self.sf_lock:
                 for s in run:
                     self.inflight.pop((desc["ino"], s), None)
-
-    @staticmethod
-    def _hand_over_by_fd(peer: rpc.Client, desc: dict, chunks: dict) -> dict:
-        """The chunks written once into an anonymous memory file whose descriptor the
-        other OST maps: no copies through msgpack frames and the socket."""
-        fd = os.memfd_create("lustrefuse-row", os.MFD_CLOEXEC)
-        try:
-            order = sorted(chunks)
-            for s in order:
-                view = memoryview(chunks[s])
-                while view:  # a write to a memory file is whole, but be sure
-                    view = view[os.write(fd, view):]
-            return peer.call("install", desc=desc, lengths={s: len(chunks[s]) for s in order},
-                             send_fds=[fd])
-        finally:
-            os.close(fd)
 
     def hydrate(self, desc: dict, chunks: list[int], wait: bool = True,
                 prefetch: bool = False) -> dict:
@@ -551,14 +653,17 @@ class OstService:
         return result
 
     def h_install(self, peer, desc: dict, chunks: dict | None = None,
-                  lengths: dict | None = None):
+                  spans: dict | None = None):
         """Chunks of ours that another OST fetched in its GET of a stripe row: their
-        bytes (``chunks``), or their ``lengths`` in chunk order in the memory file
-        whose descriptor came with the request (same host). Only chunks we lack are
-        written: a present chunk may be newer (written since)."""
-        if chunks is None:
-            with self._mapped(peer, lengths) as mapped:
-                return self.h_install(peer, desc, mapped)
+        bytes (``chunks``), or their ``spans`` ``{s: (offset, length)}`` in the memory
+        file whose descriptor came with the request (same host). Only chunks we lack
+        are written: a present chunk may be newer (written since)."""
+        if chunks is not None:
+            return self._install(desc, chunks, aligned=False)
+        with self._mapped(peer, spans) as mapped:
+            return self._install(desc, mapped, aligned=True)
+
+    def _install(self, desc: dict, chunks: dict, aligned: bool):
         ino = desc["ino"]
         lay = Layout.from_dict(desc["layout"])
         chunks = {int(s): b for s, b in chunks.items()}
@@ -580,7 +685,8 @@ class OstService:
                 length = sum(len(chunks[s]) for s in todo)
                 self._reserve(length, desc, todo)
                 try:
-                    got = self._store_chunks(ino, lay, [(s, chunks[s]) for s in todo])
+                    got = self._store_chunks(ino, lay, [(s, chunks[s]) for s in todo],
+                                             aligned=aligned)
                 finally:
                     self.store.unreserve(length)
             fut.set_result(got)
@@ -596,21 +702,21 @@ class OstService:
 
     @staticmethod
     @contextlib.contextmanager
-    def _mapped(peer, lengths: dict | None):
-        """``{chunk: bytes}`` views of the memory file a same-host OST sent."""
-        if not lengths or len(peer.fds) != 1:
-            raise RpcError(errno.EINVAL, "install needs chunks, or lengths and one descriptor")
-        total = sum(int(n) for n in lengths.values())
-        if total <= 0 or os.fstat(peer.fds[0]).st_size != total:
-            raise RpcError(errno.EINVAL, "the memory file does not hold the chunks' bytes")
-        with mmap.mmap(peer.fds[0], total, prot=mmap.PROT_READ) as m:
+    def _mapped(peer, spans: dict | None):
+        """``{chunk: bytes}`` views of the memory file a same-host OST sent; each span
+        starts on a page (a chunk's place in a stripe row)."""
+        if not spans or len(peer.fds) != 1:
+            raise RpcError(errno.EINVAL, "install needs chunks, or spans and one descriptor")
+        spans = {int(s): (int(p), int(n)) for s, (p, n) in spans.items()}
+        size = os.fstat(peer.fds[0]).st_size
+        for s, (p, n) in spans.items():
+            if p < 0 or n <= 0 or p + n > size or p % DIRECT_ALIGN:
+                raise RpcError(errno.EINVAL, f"chunk {s} at {p}+{n} is not within the "
+                               f"memory file ({size} bytes) or not on a page")
+        with mmap.mmap(peer.fds[0], size, prot=mmap.PROT_READ) as m:
             view = memoryview(m)
-            out = {}
+            out = {s: view[p:p + n] for s, (p, n) in spans.items()}
             try:
-                pos = 0
-                for s in sorted(lengths, key=int):
-                    out[int(s)] = view[pos:pos + int(lengths[s])]
-                    pos += int(lengths[s])
                 yield out
             finally:
                 for v in out.values():

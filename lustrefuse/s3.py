@@ -8,6 +8,7 @@ transient error too.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import random
 import threading
@@ -171,6 +172,25 @@ class Repository:
         self._count(gets=1, bytes_in=len(data))
         return data
 
+    def get_range_into(self, key: str, start: int, view: memoryview, etag: str | None):
+        """Bytes [start, start+len(view)) of the object, exactly, into ``view`` (straight
+        from the socket: no intermediate copy), pinned to ``etag``."""
+
+        def once():
+            args = {"Bucket": self.bucket, "Key": key,
+                    "Range": f"bytes={start}-{start + len(view) - 1}"}
+            if etag:
+                args["IfMatch"] = etag
+            resp = self.client.get_object(**args)
+            got = resp.get("ETag")
+            if etag and got and got != etag:
+                raise StaleObject("PreconditionFailed", f"{key}: ETag {got} != {etag}")
+            _read_exactly(resp["Body"], view, key)
+
+        if len(view):
+            self._retry(f"get {key} [{start}+{len(view)}]", once)
+            self._count(gets=1, bytes_in=len(view))
+
     def get_object(self, key: str) -> bytes:
         """A whole (small) object, e.g. a symlink's target; the body is read inside the retry."""
         def once():
@@ -233,3 +253,35 @@ class Repository:
 
 class _ShortBody(Exception):
     """The body ended early or the connection broke mid-body (transient)."""
+
+
+def _read_exactly(body, view: memoryview, key: str):
+    """Fill ``view`` from a GET's streaming body and hand the connection back.
+
+    The bytes are read with ``readinto`` of the HTTP response beneath urllib3 when the
+    body is not content-encoded: urllib3's own ``readinto`` reads into a new buffer and
+    copies. Anything but exactly ``len(view)`` bytes is a short body (retried)."""
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    plain = (fp is not None and hasattr(fp, "readinto") and hasattr(raw, "release_conn")
+             and raw.headers.get("content-encoding", "identity") == "identity")
+    readinto = fp.readinto if plain else body.readinto
+    pos = 0
+    try:
+        while pos < len(view):
+            n = readinto(view[pos:])
+            if not n:
+                raise _ShortBody(f"{key}: got {pos} of {len(view)} bytes")
+            pos += n
+        if plain and not fp.isclosed():  # more bytes than asked for: not a clean answer
+            raise _ShortBody(f"{key}: body longer than {len(view)} bytes")
+    except http.client.HTTPException as e:  # beneath urllib3: no translation of its errors
+        if raw is not None:
+            raw.close()
+        raise _ShortBody(f"{key}: {type(e).__name__}: {e}") from None
+    except BaseException:
+        if raw is not None:
+            raw.close()  # a connection with unread bytes on it is never reused
+        raise
+    if plain:
+        raw.release_conn()  # read to its end: the connection goes back to the pool

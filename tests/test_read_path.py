@@ -769,10 +769,22 @@ def test_install_refuses_chunks_that_are_not_whole_or_not_its_own(hyd):
     cases = [
         {"chunks": {s_theirs: bytes(MiB)}},  # another OST's chunk
         {"chunks": {s_ours: bytes(MiB - 1)}},  # not a whole stripe
-        {"lengths": {s_ours: MiB}},  # a memory file announced, none sent
+        {"spans": {s_ours: [0, MiB]}},  # a memory file announced, none sent
     ]
     for args in cases:
         with pytest.raises(RpcError) as e:
             ost0.call("install", desc=desc, **args)
         assert e.value.errno == errno.EINVAL, args
+    fd = os.memfd_create("test-row")
+    try:
+        os.ftruncate(fd, 2 * MiB)
+        for spans in ({s_ours: [2 * MiB, MiB]},  # beyond the memory file's end
+                      {s_ours: [512, MiB]},  # not on a page
+                      {s_theirs: [0, MiB]},  # another OST's chunk
+                      {s_ours: [0, MiB - 1]}):  # not a whole stripe
+            with pytest.raises(RpcError) as e:
+                ost0.call("install", desc=desc, spans=spans, send_fds=[fd])
+            assert e.value.errno == errno.EINVAL, spans
+    finally:
+        os.close(fd)
     assert ost0.call("table", ino=info["ino"]) == before
