@@ -39,6 +39,7 @@ from .demo import (
     DataMismatch,
     DemoError,
     FileSpec,
+    GiB,
     KiB,
     MiB,
     fmt_size,
@@ -719,8 +720,11 @@ class Bench:
             self.check("first 4 KiB of the large file", (len(data), xxhash.xxh3_64_hexdigest(data)),
                        (len(ref), xxhash.xxh3_64_hexdigest(ref)))
 
-    def direct_download(self, key: str, size: int, threads: int, rng: int) -> tuple[float, list]:
-        """Parallel ranged GETs of a whole object into memory; (seconds, segment digests)."""
+    def direct_download(self, key: str, size: int, threads: int, rng: int,
+                        cpu: dict | None = None) -> tuple[float, list]:
+        """Parallel ranged GETs of a whole object into memory; (seconds, segment digests).
+        ``cpu``: filled with the CPU seconds of ``self.cpu_pids()``'s endpoint and this
+        process during the download (not the hashing after it)."""
         buf = bytearray(size)
         mv = memoryview(buf)
 
@@ -731,30 +735,80 @@ class Bench:
             mv[off:off + len(body)] = body
             return len(body)
 
+        pids = {k: v for k, v in self.cpu_pids().items() if k in ("S3 endpoint", "reader")}
+        before = demo.cpu_seconds(pids)
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(threads) as ex:
             got = sum(ex.map(get, range(0, size, rng)))
         dt = time.perf_counter() - t0
+        if cpu is not None:
+            after = demo.cpu_seconds(pids)
+            cpu.update({k: after[k] - before[k] for k in before if k in after})
         if got != size:
             raise DataMismatch(f"direct download of {key}: {got} bytes, want {size}")
         segs = [xxhash.xxh3_128_hexdigest(mv[o:o + SEGMENT]) for o in range(0, size, SEGMENT)]
         return dt, segs
 
+    def cpu_pids(self) -> dict[str, int]:
+        """The processes whose CPU time a row accounts for: ours, the local S3 endpoint,
+        and this one (the reader, and the limit's boto3 client)."""
+        pids = dict(demo.up_state(self.data).get("pids", {}))
+        if self.endpoint and self.endpoint.pid:
+            pids["S3 endpoint"] = self.endpoint.pid
+        pids["reader"] = os.getpid()
+        return pids
+
+    def cpu_note(self, ours: list[dict], limit: list[dict], nbytes: int, limit_who: str) -> str:
+        """CPU seconds per GiB by process, medians of the samples: where a gap comes from
+        when the machine's cores, not the disk or the network, are what runs out."""
+        gib = nbytes / GiB
+
+        def per_gib(samples: list[dict]) -> dict[str, float]:
+            names = sorted({k for smp in samples for k in smp})
+            return {k: statistics.median(smp.get(k, 0.0) for smp in samples) / gib for k in names}
+
+        def fold(d: dict[str, float]) -> dict[str, float]:  # the OSTs as one figure
+            out: dict[str, float] = {}
+            for k, v in d.items():
+                key = "OSTs" if k.startswith("ost") else k
+                out[key] = out.get(key, 0.0) + v
+            return out
+
+        o = fold(per_gib(ours))
+        lim = {limit_who if k == "reader" else k: v for k, v in per_gib(limit).items()}
+        show = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in  # noqa: E731
+                                   sorted(d.items(), key=lambda kv: -kv[1]) if v >= 0.01)
+        return (f"CPU s per GiB on {os.cpu_count()} cores: ours {sum(o.values()):.2f} "
+                f"({show(o)}), limit {sum(lim.values()):.2f} ({show(lim)})")
+
+    def cpu_during(self, pids: dict[str, int], fn):
+        """``fn()``'s result and the CPU seconds each of ``pids`` used meanwhile."""
+        before = demo.cpu_seconds(pids)
+        result = fn()
+        after = demo.cpu_seconds(pids)
+        return result, {k: after[k] - before[k] for k in before if k in after}
+
     def m_cold_seq(self, row: Row, big: str):
         c = self.cfg
         key = self.key_prefix + self.big.path
+        pids = self.cpu_pids()
+        self.cpu_ours, self.cpu_limit = [], []
         for _ in range(self.repeat):
             self.make_cold([big])
-            r = demo.read_file_checked(self.mnt, self.big)
+            r, cpu = self.cpu_during(pids, lambda: demo.read_file_checked(self.mnt, self.big))
             self.check("cold read of the large file", (r.bytes, not r.mismatches), (self.big.size, True))
             row.ours.append(r.mbps)
-            dt, segs = self.direct_download(key, self.big.size, c.range_threads, c.range_size)
+            self.cpu_ours.append(cpu)
+            cpu = {}
+            dt, segs = self.direct_download(key, self.big.size, c.range_threads, c.range_size, cpu)
             self.check("direct download of the large file", segs, self.big.segments)
             row.limit.append(self.big.size / dt / 1e6)
+            self.cpu_limit.append(cpu)
         dt, segs = self.direct_download(key, self.big.size, c.range_threads, self.stripe_bytes())
         self.check("direct download (stripe-size ranges)", segs, self.big.segments)
         row.note = (f"{c.range_threads} x {fmt_size(self.stripe_bytes())} GETs (our request size): "
-                    f"{self.big.size / dt / 1e6:,.0f} MB/s")
+                    f"{self.big.size / dt / 1e6:,.0f} MB/s; "
+                    + self.cpu_note(self.cpu_ours, self.cpu_limit, self.big.size, "boto3"))
 
     def stripe_bytes(self) -> int:
         return demo.parse_size(self.cfg.stripe_size)
@@ -862,13 +916,18 @@ class Bench:
             row.limit.append(iops)
 
     def m_restore_large(self, row: Row, big: str):
+        pids = {k: v for k, v in self.cpu_pids().items() if k != "reader"}  # not our poll
+        cpu_ours = []
         for i in range(self.repeat):
             self.make_cold([big])
             ino = os.stat(big).st_ino
+            before = demo.cpu_seconds(pids)
             t0 = time.perf_counter()
             demo.hsm_request(self.mnt, "restore", [ino])
             left = demo.wait_hsm([big], RESIDENT, 600, poll=0.05)
             dt = time.perf_counter() - t0
+            after = demo.cpu_seconds(pids)
+            cpu_ours.append({k: after[k] - before[k] for k in before if k in after})
             if left:
                 raise DemoError("the large file was not restored within 600 s")
             row.ours.append(self.big.size / dt / 1e6)
@@ -877,6 +936,8 @@ class Bench:
                 self.caches.drop([big, *objs])
                 r = demo.read_file_checked(self.mnt, self.big)
                 self.check("restored large file", (r.bytes, not r.mismatches), (self.big.size, True))
+        if getattr(self, "cpu_limit", None):  # the cold-read row's direct downloads
+            row.note = self.cpu_note(cpu_ours, self.cpu_limit, self.big.size, "boto3")
 
     # -- small files
     def bench_small(self):

@@ -497,6 +497,20 @@ def peak_rss(data_dir: str) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User plus system CPU seconds used so far by each process (gone ones left out)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def import_status(data_dir: str) -> dict | None:
     """The MDS's import status (start/finish times), or None if it cannot be asked."""
     try:
