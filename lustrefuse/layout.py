@@ -19,8 +19,10 @@ MAX_STRIPE_COUNT = 2000  # LOV_MAX_STRIPE_COUNT
 DEFAULT_STRIPE_SIZE = 1 * MiB  # Lustre <= 2.15 and FSx
 DEFAULT_IMPORTED_CHUNK_SIZE = 1 * GiB  # FSx ImportedFileChunkSize default
 # The most one hydration GET fetches: adjacent chunks (of one OST or of several: a
-# stripe row) come in one ranged GET, since an object store's cost is per request.
-GET_SPAN = 8 * MiB
+# stripe row) come in one ranged GET, since an object store's cost is per request
+# (and so is botocore's: a 1 GiB restore cost the OSTs 1.1 s of CPU in 8 MiB GETs,
+# 0.8 s in 16 MiB ones, and the endpoint 0.73 s against 0.5 s).
+GET_SPAN = 16 * MiB
 
 # Lustre's FID sequence for normal files on MDT0 starts here.
 FID_SEQ_NORMAL = 0x200000400

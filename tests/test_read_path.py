@@ -41,6 +41,7 @@ from helpers import (
 
 from lustrefuse import hsm, rpc
 from lustrefuse.client import PREFETCH_CHUNKS
+from lustrefuse.layout import GET_SPAN
 from lustrefuse.protocol import RpcError
 
 IMPORTED_LINE = "{}: (0x0000000d) released exists archived, archive_id:1"
@@ -515,7 +516,7 @@ def test_hsm_restore_then_release(hyd):
 
 def test_restore_of_striped_file_fetches_whole_stripe_rows(hyd):
     """A file striped over 2 OSTs with 1 MiB stripes: each GET covers a row of
-    adjacent stripes (8 MiB), the fetching OST hands the other OST its chunks, and
+    adjacent stripes (GET_SPAN), the fetching OST hands the other OST its chunks, and
     every chunk ends up on the OST the layout names, with its checksum."""
     k, want = "h/rows.bin", hyd_objects()["h/rows.bin"]
     p = hyd.path(k)
@@ -528,7 +529,7 @@ def test_restore_of_striped_file_fetches_whole_stripe_rows(hyd):
     d = delta(before, after, hyd)
     assert d["bytes_in"] == len(want), d  # every byte once
     assert d["hydrated"] == 25, d  # counted by the OST that stores each chunk
-    assert d["gets"] == 4, d  # 8 + 8 + 8 + 1 chunks, not 25 one-stripe GETs
+    assert d["gets"] == -(-25 * MiB // GET_SPAN), d  # rows of GET_SPAN, not 25 one-stripe GETs
     handed = hyd.ost_sum("chunks_handed_over", after) - hyd.ost_sum("chunks_handed_over", before)
     assert handed >= 12, handed  # about half of each row belongs to the other OST
     # each chunk is where the layout says: read straight from the OST objects
