@@ -151,26 +151,9 @@ class Repository:
 
     def get_range(self, key: str, start: int, length: int, etag: str | None) -> bytes:
         """Bytes [start, start+length) of the object, exactly, pinned to ``etag``."""
-
-        def once():
-            args = {"Bucket": self.bucket, "Key": key,
-                    "Range": f"bytes={start}-{start + length - 1}"}
-            if etag:
-                args["IfMatch"] = etag
-            resp = self.client.get_object(**args)
-            got = resp.get("ETag")
-            if etag and got and got != etag:
-                raise StaleObject("PreconditionFailed", f"{key}: ETag {got} != {etag}")
-            body = resp["Body"].read()
-            if len(body) != length:
-                raise _ShortBody(f"{key}: got {len(body)} of {length} bytes")
-            return body
-
-        if length == 0:
-            return b""
-        data = self._retry(f"get {key} [{start}+{length}]", once)
-        self._count(gets=1, bytes_in=len(data))
-        return data
+        buf = bytearray(length)
+        self.get_range_into(key, start, memoryview(buf), etag)
+        return bytes(buf)
 
     def get_range_into(self, key: str, start: int, view: memoryview, etag: str | None):
         """Bytes [start, start+len(view)) of the object, exactly, into ``view`` (straight
