@@ -737,14 +737,13 @@ class Bench:
             return len(body)
 
         pids = {k: v for k, v in self.cpu_pids().items() if k in ("S3 endpoint", "reader")}
-        before = demo.cpu_seconds(pids)
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(threads) as ex:
-            got = sum(ex.map(get, range(0, size, rng)))
-        dt = time.perf_counter() - t0
+        with demo.cpu_used(pids) as used:
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(threads) as ex:
+                got = sum(ex.map(get, range(0, size, rng)))
+            dt = time.perf_counter() - t0
         if cpu is not None:
-            after = demo.cpu_seconds(pids)
-            cpu.update({k: after[k] - before[k] for k in before if k in after})
+            cpu.update(used)
         if got != size:
             raise DataMismatch(f"direct download of {key}: {got} bytes, want {size}")
         segs = [xxhash.xxh3_128_hexdigest(mv[o:o + SEGMENT]) for o in range(0, size, SEGMENT)]
@@ -777,17 +776,13 @@ class Bench:
 
         o = fold(per_gib(ours))
         lim = {limit_who if k == "reader" else k: v for k, v in per_gib(limit).items()}
-        show = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in  # noqa: E731
-                                   sorted(d.items(), key=lambda kv: -kv[1]) if v >= 0.01)
+
+        def show(d: dict[str, float]) -> str:  # the largest first
+            return ", ".join(f"{k} {v:.2f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])
+                             if v >= 0.01)
+
         return (f"CPU s per GiB on {os.cpu_count()} cores: ours {sum(o.values()):.2f} "
                 f"({show(o)}), limit {sum(lim.values()):.2f} ({show(lim)})")
-
-    def cpu_during(self, pids: dict[str, int], fn):
-        """``fn()``'s result and the CPU seconds each of ``pids`` used meanwhile."""
-        before = demo.cpu_seconds(pids)
-        result = fn()
-        after = demo.cpu_seconds(pids)
-        return result, {k: after[k] - before[k] for k in before if k in after}
 
     def m_cold_seq(self, row: Row, big: str):
         c = self.cfg
@@ -796,7 +791,8 @@ class Bench:
         self.cpu_ours, self.cpu_limit = [], []
         for _ in range(self.repeat):
             self.make_cold([big])
-            r, cpu = self.cpu_during(pids, lambda: demo.read_file_checked(self.mnt, self.big))
+            with demo.cpu_used(pids) as cpu:
+                r = demo.read_file_checked(self.mnt, self.big)
             self.check("cold read of the large file", (r.bytes, not r.mismatches), (self.big.size, True))
             row.ours.append(r.mbps)
             self.cpu_ours.append(cpu)
@@ -920,13 +916,12 @@ class Bench:
         for i in range(self.repeat):
             self.make_cold([big])
             ino = os.stat(big).st_ino
-            before = demo.cpu_seconds(pids)
-            t0 = time.perf_counter()
-            demo.hsm_request(self.mnt, "restore", [ino])
-            left = demo.wait_hsm([big], RESIDENT, 600, poll=0.05)
-            dt = time.perf_counter() - t0
-            after = demo.cpu_seconds(pids)
-            cpu_ours.append({k: after[k] - before[k] for k in before if k in after})
+            with demo.cpu_used(pids) as cpu:
+                t0 = time.perf_counter()
+                demo.hsm_request(self.mnt, "restore", [ino])
+                left = demo.wait_hsm([big], RESIDENT, 600, poll=0.05)
+                dt = time.perf_counter() - t0
+            cpu_ours.append(cpu)
             if left:
                 raise DemoError("the large file was not restored within 600 s")
             row.ours.append(self.big.size / dt / 1e6)

@@ -15,6 +15,7 @@ control file) are shared with ``lustrefuse bench``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import platform
@@ -509,6 +510,17 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
             continue
         out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     return out
+
+
+@contextlib.contextmanager
+def cpu_used(pids: dict[str, int]):
+    """Yields a dict filled, when the block ends, with the CPU seconds each of ``pids``
+    used inside it."""
+    used: dict[str, float] = {}
+    before = cpu_seconds(pids)
+    yield used
+    after = cpu_seconds(pids)
+    used.update({k: after[k] - before[k] for k in before if k in after})
 
 
 def import_status(data_dir: str) -> dict | None:
