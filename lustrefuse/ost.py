@@ -98,9 +98,13 @@ class ObjectStore:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            log.info("%s has no O_DIRECT: chunks go through the page cache", self.root)
-            self.direct = False
+            self.stop_direct(e)
             return None
+
+    def stop_direct(self, why: OSError):
+        """The filesystem refused O_DIRECT (at open or at a write): stop trying."""
+        log.info("%s refuses O_DIRECT (%s): chunks go through the page cache", self.root, why)
+        self.direct = False
 
     def table(self, ino: int) -> dict[int, tuple[int, int]]:
         with self.lock:
@@ -490,9 +494,7 @@ class OstService:
                 except OSError as e:
                     if fd_direct is None or e.errno != errno.EINVAL:
                         raise
-                    log.info("O_DIRECT write refused on OST %d (%s): chunks go through the "
-                             "page cache", self.store.index, e)
-                    self.store.direct = False
+                    self.store.stop_direct(e)
                     os.close(fd_direct)
                     fd_direct = None
                     write_chunk(fd, None, memoryview(buf), lay.chunk_object_offset(s))
@@ -900,3 +902,4 @@ class OstService:
         self._stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.prefetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.rows.close()
