@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import socket
+import threading
 
 import msgpack
 import pytest
@@ -142,3 +145,63 @@ def test_msgpack_body_is_plain_msgpack():
     """Other implementations can speak the protocol with any msgpack library."""
     frame = protocol.request("getattr", {"ino": 7})
     assert msgpack.unpackb(frame[HEADER.size:], raw=False) == {"op": "getattr", "a": {"ino": 7}}
+
+
+@contextlib.contextmanager
+def sending(sock: socket.socket, data: bytes):
+    """Send ``data`` from a thread while the block reads it."""
+    t = threading.Thread(target=sock.sendall, args=(data,))
+    t.start()
+    try:
+        yield
+    finally:
+        t.join(timeout=10)
+
+
+def test_frame_reader_small_large_pieces_and_pipelined():
+    """The server's reader: whole small frames, a frame larger than its buffer, a frame
+    sent in pieces, and two frames sent back to back all come out as sent."""
+    big = {"op": "write", "a": {"data": bytes(range(256)) * 1024}}  # 256 KiB > CHUNK
+    a, b = socket.socketpair()
+    with a, b:
+        reader = rpc.FrameReader(b)
+        a.sendall(protocol.request("ping", {}))
+        assert reader.read() == {"op": "ping", "a": {}}
+        with sending(a, protocol.encode(big)):  # more than a socket buffer holds
+            assert reader.read() == big
+        frame = protocol.request("lookup", {"parent": 1, "name": b"x"})
+        for i in range(len(frame)):  # one byte at a time, header included
+            a.sendall(frame[i:i + 1])
+        assert reader.read() == {"op": "lookup", "a": {"parent": 1, "name": b"x"}}
+        with sending(a, protocol.request("one", {}) + protocol.request("two", {})
+                     + protocol.encode(big)):
+            assert [reader.read()["op"] for _ in range(3)] == ["one", "two", "write"]
+        assert b.gettimeout() is None  # back to waiting for ever between frames
+
+
+def test_frame_reader_gives_up_on_a_half_sent_frame(monkeypatch):
+    monkeypatch.setattr(rpc, "FRAME_TIMEOUT", 0.2)
+    a, b = socket.socketpair()
+    with a, b:
+        reader = rpc.FrameReader(b)
+        a.sendall(protocol.request("ping", {})[:5])
+        with pytest.raises(TimeoutError):
+            reader.read()
+        assert b.gettimeout() is None
+
+
+def test_frame_reader_takes_descriptors_with_the_frame():
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        with a, b:
+            frame = protocol.request("install", {})
+            socket.send_fds(a, [frame[:1]], [r])
+            a.sendall(frame[1:])
+            fds: list[int] = []
+            assert rpc.FrameReader(b).read(fds)["op"] == "install"
+            assert len(fds) == 1 and os.fstat(fds[0]).st_ino == os.fstat(r).st_ino
+            os.close(fds[0])
+    finally:
+        os.close(r)
+        os.close(w)
