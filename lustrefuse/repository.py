@@ -224,6 +224,7 @@ class DataRepository:
     def _run_task(self, task: dict, roots: list[int]):
         task["state"] = "EXECUTING"
         failures: list[tuple[str, str, str]] = []
+        final = "FAILED"  # unless the work below says otherwise
         try:
             if task["type"] == "import":
                 self._import_task(task, failures)
@@ -245,14 +246,20 @@ class DataRepository:
                         task["updated"] = time.time()
                 if task["type"] == "export":
                     self._wait_archives(task)
-            task["state"] = "CANCELED" if task["state"] == "CANCELING" else (
+            final = "CANCELED" if task["state"] == "CANCELING" else (
                 "FAILED" if task["failed"] and not task["succeeded"] else "SUCCEEDED")
         except Exception as e:
             log.exception("task %d failed", task["id"])
-            task["state"], task["error"] = "FAILED", str(e)
+            final, task["error"] = "FAILED", str(e)
         finally:
-            task["report"] = self._write_report(task, failures)
+            # the report first: whoever waits for a final state reads the report's path next
+            try:
+                task["report"] = self._write_report(task, failures)
+            except OSError as e:
+                log.error("task %d: cannot write its report: %s", task["id"], e)
+                final, task["error"] = "FAILED", f"cannot write the report: {e}"
             task["updated"] = time.time()
+            task["state"] = final
             log.info("task %d (%s) %s: %d succeeded, %d failed", task["id"], task["type"],
                      task["state"], task["succeeded"], task["failed"])
 
