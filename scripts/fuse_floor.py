@@ -212,7 +212,8 @@ def main(argv=None) -> int:
         if proc.stdout.readline().strip() != "ready":
             raise demo.DemoError("the trivial filesystem did not mount")
         caches = Caches(True)
-        print(f"measuring ({args.repeat} samples; caches: {caches.how})", file=sys.stderr)
+        print(f"measuring ({args.repeat} sample{'s' if args.repeat != 1 else ''}; "
+              f"caches: {caches.how})", file=sys.stderr)
         rows = measure(src, mnt, small, large, args.readers, args.repeat, caches)
     except demo.DemoError as e:
         print(f"fuse_floor: {e}", file=sys.stderr)
