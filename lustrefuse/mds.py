@@ -68,6 +68,7 @@ class Mds:
         # open tracking: handle -> (client, ino, writable)
         self.opens: dict[int, tuple[str, int, bool]] = {}
         self.open_count: dict[int, int] = {}
+        self.writer_count: dict[int, int] = {}  # ino -> handles open for write (no scans)
         self.clients: set[str] = set()
         # handles are never reused, not even across restarts: a close that a client sent
         # to the MDS before a restart (or repeats) cannot close a handle of the new one
@@ -136,7 +137,7 @@ class Mds:
     def is_open(self, ino: int, writers_only: bool = False) -> bool:
         with self.lock:
             if writers_only:
-                return any(i == ino and w for _c, i, w in self.opens.values())
+                return self.writer_count.get(ino, 0) > 0
             return self.open_count.get(ino, 0) > 0
 
     def h_open(self, peer, ino: int, client: str, writable: bool = False,
@@ -155,7 +156,9 @@ class Mds:
             h = next(self._handles)
             self.opens[h] = (client, ino, writable)
             self.open_count[ino] = self.open_count.get(ino, 0) + 1
-            writers = writable or any(i == ino and w for _c, i, w in self.opens.values())
+            if writable:
+                self.writer_count[ino] = self.writer_count.get(ino, 0) + 1
+            writers = self.writer_count.get(ino, 0) > 0
         if waited:  # released meanwhile: the state read above is out of date
             st = self.ns.file_state(ino)
         st["handle"] = h
@@ -177,7 +180,11 @@ class Mds:
             last = self.open_count[ino] == 0
             if last:
                 del self.open_count[ino]
-            writers_left = any(i == ino and w for _c, i, w in self.opens.values())
+            if writable:
+                self.writer_count[ino] -= 1
+                if not self.writer_count[ino]:
+                    del self.writer_count[ino]
+            writers_left = self.writer_count.get(ino, 0) > 0
         if writable and not clean:
             self.trim(ino)  # the client died: what it never flushed is not the file's
         if writable and not writers_left:
