@@ -61,6 +61,20 @@ def _close_all(fds: list[int]):
     fds.clear()
 
 
+def _recv_some(sock: socket.socket, view: memoryview, fds: list | None = None) -> int:
+    """One receive into ``view``; descriptors sent with the bytes go into ``fds`` (only
+    the first receive of a message can carry them). A non-blocking socket with nothing
+    to read raises BlockingIOError."""
+    if fds is not None:
+        k, anc, _flags, _addr = sock.recvmsg_into([view], _ANC)
+        _take_fds(anc, fds)
+    else:
+        k = sock.recv_into(view)
+    if not k:
+        raise ConnectionError("connection closed")
+    return k
+
+
 def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytearray:
     """Exactly ``n`` bytes, received in place: a frame of several MiB is neither
     allocated per ``recv`` nor copied again at the end."""
@@ -68,14 +82,7 @@ def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytearr
     view = memoryview(buf)
     got = 0
     while got < n:
-        if fds is not None and not got:
-            k, anc, _flags, _addr = sock.recvmsg_into([view], _ANC)
-            _take_fds(anc, fds)
-        else:
-            k = sock.recv_into(view[got:], n - got)
-        if not k:
-            raise ConnectionError("connection closed")
-        got += k
+        got += _recv_some(sock, view[got:], None if got else fds)
     return buf
 
 
@@ -102,21 +109,11 @@ class FrameReader:
         self.pending = b""  # bytes received after the previous frame (a pipelining peer)
         self.timed = False
 
-    def _recv(self, view: memoryview, fds: list | None) -> int:
-        if fds is not None:
-            k, anc, _flags, _addr = self.sock.recvmsg_into([view], _ANC)
-            _take_fds(anc, fds)
-        else:
-            k = self.sock.recv_into(view)
-        if not k:
-            raise ConnectionError("connection closed")
-        return k
-
     def _more(self, view: memoryview) -> int:
         if not self.timed:  # a frame has begun: the rest must come in time
             self.sock.settimeout(FRAME_TIMEOUT)
             self.timed = True
-        return self._recv(view, None)
+        return _recv_some(self.sock, view)
 
     def read(self, fds: list | None = None):
         head = protocol.HEADER.size
@@ -126,7 +123,7 @@ class FrameReader:
         self.pending = b""
         try:
             if not got:
-                got = self._recv(view, fds)
+                got = _recv_some(self.sock, view, fds)
             while got < head:
                 got += self._more(view[got:])
             total = head + protocol.parse_header(view[:head])
@@ -476,19 +473,10 @@ class TrioClient:
         while True:
             if wait_first:  # a reply is never there yet: skip the attempt that would fail
                 await self._trio.lowlevel.wait_readable(sock)
-                wait_first = False
             try:
-                if fds is not None:
-                    k, anc, _flags, _addr = sock.recvmsg_into([view], _ANC)
-                    _take_fds(anc, fds)
-                else:
-                    k = sock.recv_into(view)
+                return _recv_some(sock, view, fds)
             except BlockingIOError:
                 wait_first = True
-                continue
-            if not k:
-                raise ConnectionError("connection closed")
-            return k
 
     async def _recv_exact(self, sock: socket.socket, n: int) -> bytearray:
         buf = bytearray(n)
