@@ -828,7 +828,7 @@ class OstService:
             entry = (s, length, checksum(chunk))
             if row is not None:
                 self.store.set_pending(ino, s, length, entry[2])
-            os.pwrite(fd, data, offset)
+            pwrite_all(fd, data, offset)
         finally:
             os.close(fd)
         self.store.record(ino, [entry])
