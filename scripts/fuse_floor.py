@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,13 +132,13 @@ def make_tree(root: str, small_files: int, small_size: int, large_size: int):
     return specs, large
 
 
-def read_checked(path: str, spec: demo.FileSpec) -> float:
-    t0 = time.perf_counter()
-    n, digest, _reads, _first = demo.read_range(path)
-    dt = time.perf_counter() - t0
-    if (n, digest) != (spec.size, spec.digest):
-        raise demo.DataMismatch(f"{path}: read {n} bytes that differ from what was written")
-    return n / dt / 1e6
+def read_checked(root: str, spec: demo.FileSpec) -> float:
+    """MB/s of one whole read of ``spec`` under ``root``, every byte checked."""
+    r = demo.read_file_checked(root, spec)
+    if r.mismatches or r.bytes != spec.size:
+        raise demo.DataMismatch(f"{root}/{spec.path}: read {r.bytes} bytes that differ "
+                                "from what was written")
+    return r.mbps
 
 
 def measure(src: str, mnt: str, small, large, readers: int, repeat: int, caches: Caches):
@@ -149,7 +148,7 @@ def measure(src: str, mnt: str, small, large, readers: int, repeat: int, caches:
     small_fs, small_local = rows["small files, page cache dropped"]
     seq_fs, seq_local = rows["sequential read, page cache dropped"]
     warm_fs, warm_local = rows["sequential re-read, page cache warm"]
-    big_fs, big_local = os.path.join(mnt, "large"), os.path.join(src, "large")
+    big_paths = [os.path.join(root, large.path) for root in (mnt, src)]
     small_paths = [os.path.join(root, f.path) for root in (mnt, src) for f in small]
     for _ in range(repeat):  # A and B interleaved: the machine's noise hits both
         for root, out in ((mnt, small_fs), (src, small_local)):
@@ -158,14 +157,14 @@ def measure(src: str, mnt: str, small, large, readers: int, repeat: int, caches:
             if r.mismatches:
                 raise demo.DataMismatch(f"small files differ under {root}: {r.mismatches[:3]}")
             out.append(r.files_per_s)
-        for path, out in ((big_fs, seq_fs), (big_local, seq_local)):
-            caches.drop([big_fs, big_local])
-            out.append(read_checked(path, large))
-    read_checked(big_fs, large)  # every page cached on both sides
-    read_checked(big_local, large)
+        for root, out in ((mnt, seq_fs), (src, seq_local)):
+            caches.drop(big_paths)
+            out.append(read_checked(root, large))
+    read_checked(mnt, large)  # every page cached on both sides
+    read_checked(src, large)
     for _ in range(repeat * 3):  # cheap: 3 pairs a sample
-        warm_fs.append(read_checked(big_fs, large))
-        warm_local.append(read_checked(big_local, large))
+        warm_fs.append(read_checked(mnt, large))
+        warm_local.append(read_checked(src, large))
     out = []
     for name, (fs, local) in rows.items():
         unit = "files/s" if name.startswith("small") else "MB/s"
