@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import hsm, rpc
+from . import hsm, leases, rpc
 from .integrity import checksum
 from .layout import GET_SPAN, Layout, StripeSpec
 from .metrics import REGISTRY
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CTL_INO = 1 << 62
 HYDRATE_TIMEOUT = 300.0
-KEEPALIVE = 2.0  # seconds between session pings to the MDS
+KEEPALIVE = 2.0  # seconds between attempts to get the MDS session back
 PREFETCH_CHUNKS = 64  # a sequential reader keeps this many chunks in flight (Lustre: 64 MiB a file)
 CLOSE_DELAY = 0.01  # read-only closes wait this long for an open to carry them to the MDS
 READ_AHEAD_OPEN = 1 << 20  # bytes of the first chunk read ahead at open
@@ -91,6 +91,7 @@ class OpenFile:
     prefetching: dict = field(default_factory=dict)  # chunk -> trio.Event set when it lands
     prefetch_end: int = 0  # first chunk not yet asked for by prefetch
     seq_reads: int = 0  # reads in a row that each began where the last one ended
+    lease: int = 0  # the MDS's lease on a read-only open: its handle may be kept (leases.py)
 
     @property
     def desc(self) -> dict:
@@ -217,6 +218,9 @@ class Filesystem(pyfuse3.Operations):
         self.objects = ObjectCache(object_cache_fds())
         self.closing: list[int] = []  # MDS handles of read-only files closed, not yet sent
         self.closes_due = trio.Event()
+        self.leases = leases.LeaseCache()  # lookups, attributes, opens the MDS lets us keep
+        self.lease_floor_due = False  # after a lost session: the next poll sets the floor
+        self.names_limiter = trio.CapacityLimiter(1)  # kernel name invalidations, in order
 
     async def start(self, nursery):
         self.nursery = nursery
@@ -227,24 +231,62 @@ class Filesystem(pyfuse3.Operations):
         nursery.start_soon(self._close_sender)
 
     async def _keepalive(self):
-        """Keep the MDS session; after an MDS restart, re-open our files there (replay), so
-        it neither frees unlinked-but-open files nor trims data we have not flushed yet."""
+        """The MDS session: a long poll that proves we are alive and brings the MDS's
+        lease revokes (leases.py), answered by the next poll. Without a session we
+        trust no lease; after an MDS restart (or a new connection), re-open our files
+        there (replay), so it neither frees unlinked-but-open files nor trims data we
+        have not flushed yet."""
+        acks: list = []
+        closes: list[int] = []
         while True:
-            await trio.sleep(KEEPALIVE)
+            sent = time.monotonic()
             try:
-                await self.session.call("ping", timeout=10)
+                r = await self.session.call("lease_poll", client=self.client_id, acks=acks,
+                                            closes=closes, wait=leases.POLL_WAIT,
+                                            timeout=leases.POLL_WAIT + 10)
+            except RpcError as e:
+                # the MDS forgot our opens with the session: cached ones are gone (a
+                # close of a handle it does not know is a no-op, so send them anyway)
+                self.closing.extend(closes + self.leases.reset())
+                self.lease_floor_due = True
+                acks, closes = [], []
+                log.warning("lost the MDS session (%s); reconnecting", e)
+                await self._reconnect()
                 continue
-            except RpcError:
-                log.warning("lost the MDS session; reconnecting")
+            closes = []
+            if r["reset"] or self.lease_floor_due:
+                closes += self.leases.reset(r["seq"])
+                self.lease_floor_due = False
+            acks = r["revokes"]
+            if acks:
+                handles, names = self.leases.revoke(acks)
+                closes += handles
+                self.counters.add("lease_revokes", len(acks))
+                # the kernel's copies go too: attributes before we answer (no lock is
+                # involved), names after (the kernel may hold the directory's lock
+                # for a request that waits for our answer)
+                await trio.to_thread.run_sync(invalidate_attrs_many, [i for i, _ in acks])
+                if names:
+                    self.nursery.start_soon(self._invalidate_names, names)
+            self.leases.renewed(sent, r["term"])
+
+    async def _invalidate_names(self, names: list):
+        await trio.to_thread.run_sync(invalidate_entries, names, limiter=self.names_limiter)
+
+    async def _reconnect(self):
+        while True:
             try:
                 await self.session.call("hello", client=self.client_id, timeout=10)
                 for of in list(self.files.values()):
                     st = await self.mds.call("open", ino=of.ino, client=self.client_id,
                                              writable=of.writable)
                     of.handle = st["handle"]
+                    of.lease = 0  # a replayed open is not cached on its close
                 log.info("MDS session restored; %d open files re-opened", len(self.files))
+                return
             except RpcError as e:
                 log.warning("MDS session not restored yet: %s", e)
+                await trio.sleep(KEEPALIVE)
 
     async def _refresh_osts(self):
         cfg = await self.mds.call("config")
@@ -305,15 +347,28 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if parent == pyfuse3.ROOT_INODE and name == CTL_NAME:
             return self._ctl_entry()
+        name = bytes(name)
+        a = self.leases.lookup(parent, name)
+        if a is not None:
+            self.counters.add("lease_lookups")
+            return self._entry(a)
         self.counters.add("lookups")
-        return self._entry(await self.mds.call("lookup", parent=parent, name=bytes(name)))
+        a = await self.mds.call("lookup", parent=parent, name=name, client=self.client_id)
+        self.leases.put_name(parent, name, a, a["lease"])
+        return self._entry(a)
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
         if inode == CTL_INO:
             return self._ctl_entry()
+        a = self.leases.getattr(inode)
+        if a is not None:
+            self.counters.add("lease_getattrs")
+            return self._entry(a)
         self.counters.add("getattrs")
-        return self._entry(await self.mds.call("getattr", ino=inode))
+        a = await self.mds.call("getattr", ino=inode, client=self.client_id)
+        self.leases.put_attrs(a, a["lease"])
+        return self._entry(a)
 
     @fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -486,18 +541,19 @@ class Filesystem(pyfuse3.Operations):
     # -- files -------------------------------------------------------------
 
     async def _open_file(self, ino: int, writable: bool) -> OpenFile:
-        closes, self.closing = self.closing, []  # read-only closes ride along (see release)
-        try:
-            st = await self.mds.call("open", ino=ino, client=self.client_id, writable=writable,
-                                     **({"closes": closes} if closes else {}))
-        except BaseException:
-            self.closing[:0] = closes  # maybe not seen: again (a second close is a no-op)
-            raise
+        cached = None if writable else self.leases.take_open(ino)
+        if cached is not None:  # a handle we kept under a lease: nothing changed since
+            lease, handle, st = cached
+            self.counters.add("lease_opens")
+        else:
+            st = await self._open_on_mds(ino, writable)
+            handle, lease = st["handle"], st["lease"]
         if not stat.S_ISREG(st["mode"]):
-            await self.mds.call("close", handle=st["handle"])
+            await self.mds.call("close", handle=handle)
             raise pyfuse3.FUSEError(errno.EINVAL)
-        of = OpenFile(ino, st["handle"], st, Layout.from_dict(st["layout"]),
+        of = OpenFile(ino, handle, st, Layout.from_dict(st["layout"]),
                       self._local_size(ino, st["size"]), writable)
+        of.lease = lease
         # nobody writes it (the MDS says so) and it is what we saw last time: the objects'
         # descriptors and chunk tables from then are still right (no OST round trip)
         cacheable = not writable and st.get("writers") is False
@@ -512,6 +568,15 @@ class Filesystem(pyfuse3.Operations):
                 self.objects.put(ino, key, of)
         self._read_ahead_first(of)
         return of
+
+    async def _open_on_mds(self, ino: int, writable: bool) -> dict:
+        closes, self.closing = self.closing, []  # read-only closes ride along (see release)
+        try:
+            return await self.mds.call("open", ino=ino, client=self.client_id,
+                                       writable=writable, **({"closes": closes} if closes else {}))
+        except BaseException:
+            self.closing[:0] = closes  # maybe not seen: again (a second close is a no-op)
+            raise
 
     async def _open_objects(self, of: OpenFile):
         """Each OST's descriptor of the object (same host) and its chunk table."""
@@ -831,9 +896,12 @@ class Filesystem(pyfuse3.Operations):
             self._close_fds(of)
             if of.writable or self.nursery is None:
                 await self.mds.call("close", handle=of.handle)
-            else:  # read-only: the MDS hears of it with our next open, or within CLOSE_DELAY
-                self.closing.append(of.handle)
-                self.closes_due.set()
+            else:  # read-only: kept for a re-open while the lease holds; else the MDS hears
+                # of it with our next open, or within CLOSE_DELAY
+                closes = self.leases.put_open(of.ino, of.lease, of.handle, of.st)
+                if closes:
+                    self.closing.extend(closes)
+                    self.closes_due.set()
 
     async def _close_sender(self):
         """Tell the MDS about read-only closes no open carried along (a background task:
@@ -1047,6 +1115,21 @@ def invalidate_attrs(ino: int):
         pyfuse3.invalidate_inode(ino, attr_only=True)
     except OSError:
         pass  # the kernel does not know the inode: nothing cached
+
+
+def invalidate_attrs_many(inos: list[int]):
+    for ino in inos:
+        invalidate_attrs(ino)
+
+
+def invalidate_entries(names: list):
+    """Drop the kernel's dentries for (directory, name) pairs: may wait for the
+    directory's lock, so never on the event loop."""
+    for parent, name in names:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError:
+            pass  # not cached by the kernel
 
 
 def invalidate_data(ino: int):

@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import hsm, rpc
+from . import hsm, leases, rpc
 from .coordinator import Coordinator
 from .importer import Importer
 from .layout import Layout, LayoutError, StripeSpec, format_fid, parse_fid
@@ -52,8 +52,9 @@ class Mds:
         self.data_dir = data_dir
         self.config = config
         self.fsname = config.get("fsname", "lustrefuse")
+        self.leases = leases.LeaseTable()  # before the namespace: its triggers report here
         self.ns = Namespace(os.path.join(data_dir, "mds.db"), config["osts"],
-                            config["stripe_size"])
+                            config["stripe_size"], on_change=self.leases.changed)
         self.repo = None
         if config.get("bucket"):
             self.repo = Repository(config["bucket"], config.get("endpoint_url"))
@@ -79,6 +80,7 @@ class Mds:
         self.coordinator = Coordinator(self)
         self.datarepo = DataRepository(self)
         self._auto_import = threading.Event()
+        self._stopping = threading.Event()
 
     # -- OSTs --------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Mds:
         client = peer.state.get("client")
         if not client:
             return
+        self.leases.drop_client(client)
         with self.lock:
             self.clients.discard(client)
             gone = [h for h, (c, _i, _w) in self.opens.items() if c == client]
@@ -144,7 +147,10 @@ class Mds:
                closes: list | None = None):
         """Open ``ino`` for ``client``; ``closes``: handles it closed meanwhile (read-only
         closes ride along with the next open, see ``h_close``). The reply says whether
-        anyone has the file open for write (a client may then not reuse cached tables)."""
+        anyone has the file open for write (a client may then not reuse cached tables),
+        and ``lease``: read-only, nobody writing, the client may keep the handle after
+        its close and re-open from it (see leases.py)."""
+        since = self.leases.changes
         st = self.ns.file_state(ino)
         if writable:
             self.ns.note_writer(ino, True)
@@ -163,6 +169,9 @@ class Mds:
             st = self.ns.file_state(ino)
         st["handle"] = h
         st["writers"] = writers
+        if writable:  # cached opens elsewhere would skip the MDS and reuse stale tables
+            self.leases.revoke_and_wait([ino])
+        st["lease"] = 0 if writers or waited else self.leases.grant(client, [ino], since)
         for c in closes or ():  # after the open: never the last close of this inode
             self._close(int(c))
         return st
@@ -235,11 +244,36 @@ class Mds:
 
     # -- namespace ---------------------------------------------------------
 
-    def h_getattr(self, peer, ino: int):
-        return self.ns.getattr(ino)
+    def h_getattr(self, peer, ino: int, client: str | None = None):
+        """``client``: a mount asking for a lease on the attributes (see leases.py)."""
+        since = self.leases.changes
+        a = self.ns.getattr(ino)
+        a["lease"] = self.leases.grant(client, [ino], since)
+        return a
 
-    def h_lookup(self, peer, parent: int, name: bytes):
-        return self.ns.lookup(parent, name)
+    def h_lookup(self, peer, parent: int, name: bytes, client: str | None = None):
+        """``client``: as getattr; the lease covers the name too."""
+        since = self.leases.changes
+        a = self.ns.lookup(parent, name)
+        a["lease"] = self.leases.grant(client, [a["ino"]], since)
+        return a
+
+    def h_lease_poll(self, peer, client: str, acks: list | None = None,
+                     closes: list | None = None, wait: float = leases.POLL_WAIT):
+        """A mount's long poll on its session: its answers to revokes (and the cached
+        handles it closed for them), then the revokes for it, within ``wait`` s."""
+        if peer.state.get("client") != client:  # a new connection: say hello (and replay)
+            raise RpcError(errno.ENOTCONN, "no session on this connection")
+        for h in closes or ():  # before the answers: a release waits for these closes
+            self._close(int(h))
+        return self.leases.poll(client, [(int(i), int(q)) for i, q in acks or ()],
+                                max(0.0, min(float(wait), 30.0)))
+
+    def lease_loop(self):
+        """Revoke leases on what changed outside a request (imports, the coordinator,
+        closes of disconnected clients): nobody waits for those answers."""
+        while not self._stopping.is_set():
+            self.leases.revoke_dirty(1.0)
 
     def h_readdir(self, peer, ino: int, after: int = 0, limit: int = 1000, rows: bool = False):
         """One page of a directory (at most 5,000 entries); ``rows``: flat rows
@@ -502,6 +536,7 @@ class Mds:
                     by_ost.setdefault(idx, []).append(ino)
         if not todo:
             return 0
+        self.leases.revoke_and_wait(todo)  # cached opens: closed by their clients' answers
         self._hold_for_release(todo, wait_open)
         try:
             self.ns.forget_present_many(todo)
@@ -520,6 +555,7 @@ class Mds:
         deadline = time.monotonic() + wait_open
         with self.lock:
             while True:
+                self.leases.revoke(inos)  # a re-open meanwhile may be cached again
                 if any(self.open_count.get(i) for i in inos):
                     if time.monotonic() > deadline:
                         raise RpcError(errno.EBUSY, "file is open")
@@ -560,6 +596,7 @@ class Mds:
     def h_evict(self, peer, ost: int, inos: list, need: int):
         """Auto-release for an OST short of space: archived, clean, releasable files only."""
         released, freed = [], 0
+        self.leases.revoke_and_wait([int(i) for i in inos])  # cached opens are not in use
         for ino in inos:
             if freed >= need:
                 break
@@ -636,13 +673,36 @@ class Mds:
 
     def h_stats(self, peer):
         s = {"inodes": self.ns.counts()["inodes"], "open_files": len(self.opens),
-             "clients": len(self.clients), **self.coordinator.counters}
+             "clients": len(self.clients), **self.coordinator.counters,
+             **self.leases.stats()}
         if self.repo is not None:
             s.update({"s3_" + k: v for k, v in self.repo.counters.as_dict().items()})
         return s
 
     def handlers(self) -> dict:
-        return {name[2:]: getattr(self, name) for name in dir(self) if name.startswith("h_")}
+        return {name[2:]: self._settling(name[2:], getattr(self, name))
+                for name in dir(self) if name.startswith("h_")}
+
+    def _settling(self, op: str, handler):
+        """A request that changed what a client caches is answered only after the
+        client dropped it (leases.py). Not the lease poll: the session that would have
+        to answer is the one waiting (its changes are revoked by ``lease_loop``)."""
+        if op == "lease_poll":
+            def poll(peer, **args):
+                try:
+                    return handler(peer, **args)
+                finally:
+                    self.leases.take_dirtied()
+            return poll
+
+        def call(peer, **args):
+            try:
+                return handler(peer, **args)
+            finally:
+                if self.leases.take_dirtied():
+                    self.leases.settle()
+        call.__doc__ = handler.__doc__
+        return call
 
     def recover(self):
         """After a restart: free orphans (nobody can hold them open any more)."""
@@ -662,6 +722,7 @@ class Mds:
                 self.ns.note_writer(ino, False)
 
     def close(self):
+        self._stopping.set()
         self._auto_import.set()
         self.coordinator.stop()
         self.bg.shutdown(wait=False)

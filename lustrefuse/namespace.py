@@ -86,6 +86,28 @@ ATTR_COLS = "ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rde
 READDIR_SQL = (f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in ATTR_COLS.split(','))} "
                "FROM dentries d INDEXED BY dentries_parent_id JOIN inodes i ON i.ino = d.ino "
                "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?")
+# What clients may cache under a lease (see leases.py): a change of any of these, or a
+# name of the inode removed or moved (a new name changes nlink), is noted in a TEMP
+# table (this connection's only, not in the database file) and reported to
+# ``on_change`` before the transaction ends. Not by a Python function called from the
+# trigger: SQLite would call it holding the connection's mutex, and another thread
+# holding the GIL and waiting for that mutex deadlocks it.
+WATCHED_COLS = ("mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
+                "target", "hsm", "archive_id", "layout", "s3_key", "etag", "s3_size",
+                "data_version")
+_NOTE = "INSERT OR IGNORE INTO lease_changes(ino) VALUES"
+WATCH_SQL = f"""
+CREATE TEMP TABLE lease_changes (ino INTEGER PRIMARY KEY);
+CREATE TEMP TRIGGER watch_inode AFTER UPDATE ON inodes
+WHEN {" OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in WATCHED_COLS)}
+BEGIN {_NOTE} (NEW.ino); END;
+CREATE TEMP TRIGGER watch_inode_gone AFTER DELETE ON inodes
+BEGIN {_NOTE} (OLD.ino); END;
+CREATE TEMP TRIGGER watch_name_gone AFTER DELETE ON dentries
+BEGIN {_NOTE} (OLD.ino); END;
+CREATE TEMP TRIGGER watch_name_moved AFTER UPDATE ON dentries
+BEGIN {_NOTE} (OLD.ino); {_NOTE} (NEW.ino); END;
+"""
 IN_BATCH = 500  # inodes per "WHERE ino IN (...)" (SQLite caps bound parameters)
 
 
@@ -134,12 +156,15 @@ def check_name(name: bytes):
 
 
 class Namespace:
-    def __init__(self, path: str, ost_count: int, default_stripe_size: int):
+    def __init__(self, path: str, ost_count: int, default_stripe_size: int, on_change=None):
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA cache_size=-65536")
         self.db.executescript(SCHEMA)
+        self.on_change = on_change
+        if on_change is not None:
+            self.db.executescript(WATCH_SQL)
         self.lock = threading.RLock()
         self.ost_count = ost_count
         self.default_stripe_size = default_stripe_size
@@ -164,9 +189,21 @@ class Namespace:
 
         def __exit__(self, kind, value, tb):
             try:
-                self.ns.db.execute("COMMIT" if kind is None else "ROLLBACK")
+                try:
+                    self.ns._report_changes()  # a rollback too: others may have read it
+                finally:
+                    self.ns.db.execute("COMMIT" if kind is None else "ROLLBACK")
             finally:
                 self.ns.lock.release()
+
+    def _report_changes(self):
+        if self.on_change is None:
+            return
+        rows = self.db.execute("SELECT ino FROM temp.lease_changes").fetchall()
+        if rows:
+            self.db.execute("DELETE FROM temp.lease_changes")
+            for (ino,) in rows:
+                self.on_change(ino)
 
     def tx(self):
         return Namespace._Tx(self)

@@ -137,6 +137,7 @@ def run_mds(data_dir: str, listen: str | None, secret: bytes | None, metrics: st
     mds.recover()
     server.start()
     threading.Thread(target=mds.auto_import_loop, name="auto-import", daemon=True).start()
+    threading.Thread(target=mds.lease_loop, name="leases", daemon=True).start()
     log.info("MDS serving %s on %s", data_dir, server.address)
     sd_notify()
     stop = threading.Event()

@@ -1,0 +1,183 @@
+"""Caching leases between two mounts of one filesystem (leases.py).
+
+Mount A (the filesystem's own) reads files twice, so that it answers the second
+lookup and open from its cache; mount B (a second ``lustrefuse mount`` of the same
+MDS) then changes the file. A must see every change at its next open or lookup, as
+if it had no cache (close-to-open), and the handles A keeps for re-opens must never
+make a file busy: ``hsm_release`` from B succeeds unless a process has it open.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import new_bucket
+from helpers import LUSTREFUSE, data, is_mounted, lfs, read_file, wait_for
+
+from lustrefuse import hsm
+
+OBJECTS = {f"l/{n}.bin": data(300_000 + i, f"lease-{n}")
+           for i, n in enumerate(["rewrite", "trunc", "release", "busy", "unlink", "rename",
+                                  "over-a", "over-b", "chmod", "stopped", "same"])}
+
+
+@pytest.fixture(scope="module")
+def lfs2(make_module_fs, s3):
+    return make_module_fs(new_bucket(s3), osts=2, stripe_size="64K", objects=OBJECTS)
+
+
+@pytest.fixture(scope="module")
+def mount_b(lfs2, tmp_path_factory):
+    """A second client: its own FUSE daemon on its own mountpoint, same MDS."""
+    mnt = tmp_path_factory.mktemp("mount-b")
+    log = mnt.parent / "mount-b.log"
+    proc = subprocess.Popen([LUSTREFUSE, "mount", f"unix:{lfs2.data_dir}/mds.sock", str(mnt),
+                             "--log-file", str(log)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: is_mounted(mnt), 30, 0.05, "mount B")
+        yield mnt, proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)  # a test may have stopped it
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
+
+
+def cached_twice(fs, rel: str) -> bytes:
+    """Read ``rel`` on A until A answers its lookup and open from its leases: the first
+    read hydrates the file, which changes its HSM state (a revoke); the second re-opens
+    on the MDS and gets a lease; the third needs no MDS call."""
+    first = read_file(fs.path(rel))
+    wait_for(lambda: fs.hsm_flags(rel) == hsm.RESIDENT, 30, 0.05, f"{rel} resident")
+    assert read_file(fs.path(rel)) == first
+    before = fs.stats()["client"]
+    assert read_file(fs.path(rel)) == first
+    after = fs.stats()["client"]
+    assert after.get("lease_opens", 0) == before.get("lease_opens", 0) + 1, after
+    return first
+
+
+def gone(path):
+    """A name removed on the other mount: A's own cache drops it before the change
+    returns; the kernel's copy of it just after (``invalidate_entry`` may have to wait
+    for the directory's lock, so it is not done while the change waits)."""
+    wait_for(lambda: not os.path.lexists(path), 5, 0.01, f"{path} gone on A")
+    with pytest.raises(FileNotFoundError):
+        os.stat(path)
+
+
+def write(path, payload: bytes):
+    with open(path, "r+b") as f:
+        f.write(payload)
+
+
+def test_a_rewrite_on_b_is_read_on_a_at_the_next_open(lfs2, mount_b):
+    mnt_b, _ = mount_b
+    old = cached_twice(lfs2, "l/rewrite.bin")
+    new = bytes(b ^ 0x5A for b in old)  # same size, every byte different
+    write(mnt_b / "l/rewrite.bin", new)
+    assert read_file(lfs2.path("l/rewrite.bin")) == new
+
+
+def test_a_truncate_on_b_is_seen_by_stat_and_read_on_a(lfs2, mount_b):
+    mnt_b, _ = mount_b
+    old = cached_twice(lfs2, "l/trunc.bin")
+    os.stat(lfs2.path("l/trunc.bin"))  # the attributes are cached too
+    os.truncate(mnt_b / "l/trunc.bin", 1000)
+    assert os.stat(lfs2.path("l/trunc.bin")).st_size == 1000
+    assert read_file(lfs2.path("l/trunc.bin")) == old[:1000]
+
+
+def test_release_on_b_takes_back_a_kept_handle_not_an_open_one(lfs2, mount_b):
+    mnt_b, _ = mount_b
+    want = cached_twice(lfs2, "l/release.bin")
+    assert read_file(lfs2.path("l/busy.bin"))  # now resident on A, then held open there
+    wait_for(lambda: lfs2.hsm_flags("l/busy.bin") == hsm.RESIDENT, 30, 0.1, "busy.bin resident")
+    with open(lfs2.path("l/busy.bin"), "rb"):
+        r = lfs("hsm_release", str(mnt_b / "l/busy.bin"))
+        assert r.returncode != 0 and "Device or resource busy" in r.stderr, r
+    wait_for(lambda: lfs2.hsm_flags("l/release.bin") == hsm.RESIDENT, 30, 0.1,
+             "release.bin resident")
+    r = lfs("hsm_release", str(mnt_b / "l/release.bin"))
+    assert r.returncode == 0, r.stderr  # A only kept the handle: not busy
+    assert lfs2.hsm_flags("l/release.bin") == hsm.IMPORTED
+    assert read_file(lfs2.path("l/release.bin")) == want  # fetched again, not stale tables
+
+
+def test_unlink_on_b_is_seen_on_a_and_frees_the_inode(lfs2, mount_b):
+    mnt_b, _ = mount_b
+    cached_twice(lfs2, "l/unlink.bin")
+    inodes = lfs2.stats()["mds"]["inodes"]
+    os.unlink(mnt_b / "l/unlink.bin")
+    gone(lfs2.path("l/unlink.bin"))
+    # A's kept handle was given back with the revoke: nothing holds the inode open
+    wait_for(lambda: lfs2.stats()["mds"]["inodes"] == inodes - 1, 10, 0.05, "inode freed")
+
+
+def test_renames_on_b_are_seen_on_a(lfs2, mount_b):
+    mnt_b, _ = mount_b
+    cached_twice(lfs2, "l/rename.bin")
+    a = cached_twice(lfs2, "l/over-a.bin")
+    cached_twice(lfs2, "l/over-b.bin")
+    os.rename(mnt_b / "l/rename.bin", mnt_b / "l/renamed.bin")
+    gone(lfs2.path("l/rename.bin"))
+    assert os.path.exists(lfs2.path("l/renamed.bin"))
+    os.rename(mnt_b / "l/over-a.bin", mnt_b / "l/over-b.bin")  # replaces over-b
+    gone(lfs2.path("l/over-a.bin"))
+    assert read_file(lfs2.path("l/over-b.bin")) == a
+
+
+def test_chmod_on_b_is_seen_on_a(lfs2, mount_b):
+    mnt_b, _ = mount_b
+    cached_twice(lfs2, "l/chmod.bin")
+    os.stat(lfs2.path("l/chmod.bin"))
+    os.chmod(mnt_b / "l/chmod.bin", 0o600)
+    assert os.stat(lfs2.path("l/chmod.bin")).st_mode & 0o777 == 0o600
+
+
+def test_a_write_on_a_itself_is_read_back_on_a(lfs2, mount_b):
+    old = cached_twice(lfs2, "l/same.bin")
+    new = old[::-1]
+    write(lfs2.path("l/same.bin"), new)
+    assert read_file(lfs2.path("l/same.bin")) == new
+
+
+def test_a_stopped_client_holds_changes_up_one_term_then_drops_its_cache(lfs2, mount_b):
+    """B caches the file and freezes (SIGSTOP): A's change waits at most B's lease
+    term, then goes through; once B runs again it reads the new bytes, not its cache."""
+    mnt_b, proc = mount_b
+    path_b = mnt_b / "l/stopped.bin"
+    old = read_file(path_b)
+    assert read_file(path_b) == old
+    new = bytes(b ^ 0xFF for b in old)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        write(lfs2.path("l/stopped.bin"), new)  # the close waits for B's answer or its term
+        waited = time.monotonic() - start
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert read_file(lfs2.path("l/stopped.bin")) == new
+    assert read_file(path_b) == new
+    print(f"the change waited {waited:.1f} s for the stopped client")
+
+
+def test_unknown_session_cannot_poll(lfs2):
+    """A lease poll is bound to the session that said hello on its connection."""
+    from lustrefuse import rpc
+
+    c = rpc.Client(f"unix:{lfs2.data_dir}/mds.sock", timeout=10)
+    try:
+        with pytest.raises(rpc.RpcError) as e:
+            c.call("lease_poll", client="nobody", acks=[], closes=[], wait=0)
+        assert e.value.errno == errno.ENOTCONN
+    finally:
+        c.close()
