@@ -1057,6 +1057,11 @@ class Filesystem(pyfuse3.Operations):
         elif name == b"lustrefuse.setstripe":
             spec = req.get("spec")
             await self.mds.call("setstripe", ino=int(req["ino"]), spec=spec, uid=ctx.uid)
+        elif name == b"lustrefuse.drop_leases":  # Lustre's lru_size=clear: cold metadata
+            if ctx.uid != 0:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            self.closing.extend(self.leases.drop_all())
+            self.closes_due.set()
         else:
             raise pyfuse3.FUSEError(errno.EINVAL)
 

@@ -350,18 +350,22 @@ class LeaseCache:
             self.revoked = {i: r for i, r in self.revoked.items() if now - r[1] < REVOKED_KEEP}
         return closes, names
 
-    def reset(self, floor: int | None = None) -> list[int]:
-        """Drop everything (the MDS expired us, or the session broke). ``floor``: the
-        MDS's newest grant when it said so; replies still on the wire carry older ones."""
-        if floor is not None:
-            self.floor = max(self.floor, floor)
+    def drop_all(self) -> list[int]:
+        """Forget everything cached (the leases stay valid); returns the kept handles."""
         closes = [o[1] for o in self.opens.values()]
         self.attrs.clear()
         self.names.clear()
         self.names_of.clear()
         self.opens.clear()
-        self.trusted_until = 0.0
         return closes
+
+    def reset(self, floor: int | None = None) -> list[int]:
+        """Drop everything (the MDS expired us, or the session broke). ``floor``: the
+        MDS's newest grant when it said so; replies still on the wire carry older ones."""
+        if floor is not None:
+            self.floor = max(self.floor, floor)
+        self.trusted_until = 0.0
+        return self.drop_all()
 
     def renewed(self, sent_at: float, term: float):
         """A poll sent at ``sent_at`` was answered: the MDS heard from us then."""

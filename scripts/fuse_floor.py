@@ -2,14 +2,21 @@
 """What any pyfuse3 filesystem can reach on this machine: the floor under lustrefuse.
 
 Serves a local tree through the thinnest pyfuse3 filesystem possible (names and
-attributes from a dict, small files' bytes from memory, a large file by one inline
-``pread`` per request, ``keep_cache`` on, 1 MiB read-ahead as our mount sets it)
-and measures it against the same tree read directly, for the rows of
-``lustrefuse bench`` that pyfuse3 itself bounds:
+attributes from a dict, a large file by one inline ``pread`` per request,
+``keep_cache`` on, 1 MiB read-ahead as our mount sets it) and measures it against
+the same tree read directly, for the rows of ``lustrefuse bench`` that pyfuse3
+itself bounds:
 
-    small files, page cache dropped   (files/s, N readers)
+    small files from memory, page cache dropped (files/s, N readers)
+    small files from disk, page cache dropped   (files/s, N readers)
     sequential read, page cache dropped (MB/s)
     sequential re-read, page cache warm (MB/s)
+
+The tree is served twice: under ``mem/`` small files' bytes come from memory (no
+design can do less per file); under ``disk/`` each open starts the disk read of the
+file (``posix_fadvise(WILLNEED)``, as our mount does) and each read is an inline
+``pread`` of it, which is what a filesystem that keeps its data on local disk must
+do at least (hydrated files on an OST are that case).
 
 If the floor's ratio is below a target, no pyfuse3 design meets it here; if the
 floor is far above our figure, the gap is ours. Needs root (FUSE, drop_caches).
@@ -48,11 +55,18 @@ def serve(src: str, mountpoint: str):
     class Floor(pyfuse3.Operations):
         def __init__(self):
             super().__init__()
-            self.nodes = {pyfuse3.ROOT_INODE: (src, None)}  # ino -> (path, bytes | fd)
-            self.children: dict[int, dict[bytes, int]] = {}
-            self._scan(pyfuse3.ROOT_INODE, src)
+            # ino -> (path, bytes | fd | None: opened per open, from disk)
+            self.nodes = {pyfuse3.ROOT_INODE: (src, None)}
+            self.children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
+            self.open_fds: dict[int, int] = {}  # fh -> fd, for the disk view
+            self._fh = iter(range(1 << 32, 1 << 62))
+            for view, in_memory in ((b"mem", True), (b"disk", False)):
+                ino = len(self.nodes) + pyfuse3.ROOT_INODE
+                self.nodes[ino] = (src, None)
+                self.children[pyfuse3.ROOT_INODE][view] = ino
+                self._scan(ino, src, in_memory)
 
-        def _scan(self, ino: int, path: str):
+        def _scan(self, ino: int, path: str, in_memory: bool):
             kids = self.children[ino] = {}
             for name in sorted(os.listdir(path)):
                 p = os.path.join(path, name)
@@ -61,13 +75,13 @@ def serve(src: str, mountpoint: str):
                 if os.path.isfile(p):
                     if os.path.getsize(p) > INLINE_MAX:
                         data = os.open(p, os.O_RDONLY)
-                    else:
+                    elif in_memory:
                         with open(p, "rb") as f:
                             data = f.read()
                 self.nodes[child] = (p, data)
                 kids[name.encode()] = child
                 if os.path.isdir(p):
-                    self._scan(child, p)
+                    self._scan(child, p, in_memory)
 
         def _attr(self, ino: int):
             path, data = self.nodes[ino]
@@ -97,11 +111,26 @@ def serve(src: str, mountpoint: str):
                     return
 
         async def open(self, inode, flags, ctx):
-            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+            path, data = self.nodes[inode]
+            if data is not None:
+                return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 1 << 20, os.POSIX_FADV_WILLNEED)
+            fh = next(self._fh)
+            self.open_fds[fh] = fd
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
         async def read(self, fh, off, size):
+            fd = self.open_fds.get(fh)
+            if fd is not None:
+                return os.pread(fd, size, off)
             data = self.nodes[fh][1]
             return os.pread(data, size, off) if isinstance(data, int) else data[off:off + size]
+
+        async def release(self, fh):
+            fd = self.open_fds.pop(fh, None)
+            if fd is not None:
+                os.close(fd)
 
     options = set(pyfuse3.default_options) | {"fsname=fuse_floor", "noatime"}
     pyfuse3.init(Floor(), mountpoint, options)
@@ -142,28 +171,31 @@ def read_checked(root: str, spec: demo.FileSpec) -> float:
 
 
 def measure(src: str, mnt: str, small, large, readers: int, repeat: int, caches: Caches):
-    rows = {"small files, page cache dropped": ([], []),
+    rows = {"small files from memory, page cache dropped": ([], []),
+            "small files from disk, page cache dropped": ([], []),
             "sequential read, page cache dropped": ([], []),
             "sequential re-read, page cache warm": ([], [])}
-    small_fs, small_local = rows["small files, page cache dropped"]
+    mem_fs, mem_local = rows["small files from memory, page cache dropped"]
+    disk_fs, disk_local = rows["small files from disk, page cache dropped"]
     seq_fs, seq_local = rows["sequential read, page cache dropped"]
     warm_fs, warm_local = rows["sequential re-read, page cache warm"]
-    big_paths = [os.path.join(root, large.path) for root in (mnt, src)]
-    small_paths = [os.path.join(root, f.path) for root in (mnt, src) for f in small]
+    mem, disk = os.path.join(mnt, "mem"), os.path.join(mnt, "disk")
+    big_paths = [os.path.join(root, large.path) for root in (mem, src)]
+    small_paths = [os.path.join(root, f.path) for root in (mem, disk, src) for f in small]
     for _ in range(repeat):  # A and B interleaved: the machine's noise hits both
-        for root, out in ((mnt, small_fs), (src, small_local)):
+        for root, out in ((mem, mem_fs), (src, mem_local), (disk, disk_fs), (src, disk_local)):
             caches.drop(small_paths)
             r = demo.parallel_read(root, small, readers)
             if r.mismatches:
                 raise demo.DataMismatch(f"small files differ under {root}: {r.mismatches[:3]}")
             out.append(r.files_per_s)
-        for root, out in ((mnt, seq_fs), (src, seq_local)):
+        for root, out in ((mem, seq_fs), (src, seq_local)):
             caches.drop(big_paths)
             out.append(read_checked(root, large))
-    read_checked(mnt, large)  # every page cached on both sides
+    read_checked(mem, large)  # every page cached on both sides
     read_checked(src, large)
     for _ in range(repeat * 3):  # cheap: 3 pairs a sample
-        warm_fs.append(read_checked(mnt, large))
+        warm_fs.append(read_checked(mem, large))
         warm_local.append(read_checked(src, large))
     out = []
     for name, (fs, local) in rows.items():

@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from lustrefuse import hsm
 
 OBJECTS = {f"l/{n}.bin": data(300_000 + i, f"lease-{n}")
            for i, n in enumerate(["rewrite", "trunc", "release", "busy", "unlink", "rename",
-                                  "over-a", "over-b", "chmod", "stopped", "same"])}
+                                  "over-a", "over-b", "chmod", "stopped", "same", "drop"])}
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +182,26 @@ def test_unknown_session_cannot_poll(lfs2):
         assert e.value.errno == errno.ENOTCONN
     finally:
         c.close()
+
+
+def test_dropping_leases_makes_metadata_cold_and_needs_root(lfs2):
+    """``lustrefuse.drop_leases`` on the control file, Lustre's ``lru_size=clear``:
+    the next lookup and open go to the MDS again. Only root may ask."""
+    want = cached_twice(lfs2, "l/drop.bin")
+    os.setxattr(lfs2.ctl, "lustrefuse.drop_leases", b"")
+    with open("/proc/sys/vm/drop_caches", "w") as f:  # and the kernel's own names
+        f.write("2\n")
+    before = lfs2.stats()["client"]
+    assert read_file(lfs2.path("l/drop.bin")) == want
+    after = lfs2.stats()["client"]
+    assert after.get("lease_opens", 0) == before.get("lease_opens", 0)
+    assert after["lookups"] > before["lookups"]
+    parent = os.path.dirname(lfs2.path())
+    while parent not in ("/", "/tmp"):  # an ordinary user must reach the control file
+        os.chmod(parent, os.stat(parent).st_mode | 0o005)
+        parent = os.path.dirname(parent)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-c",
+                        f"import os; os.setxattr({lfs2.ctl!r}, 'lustrefuse.drop_leases', b'')"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Operation not permitted" in r.stderr, r.stderr
