@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 TERM = 10.0  # seconds a client trusts its leases after the MDS last heard from it
 POLL_WAIT = 2.0  # seconds a lease poll waits for revokes before it returns empty
-MAX_LEASES_PER_CLIENT = 131072  # past this, the client's oldest leases are revoked
+MAX_LEASES_PER_CLIENT = 65536  # past this, the oldest are revoked (bounds both sides' memory)
 TRUST_MARGIN = 1.0  # a client trusts its leases this much less than the MDS's term
 REVOKED_KEEP = 120.0  # seconds a client remembers a revoke (grants still on the wire)
 
@@ -39,7 +39,7 @@ class LeaseTable:
     """The MDS's leases: who holds which inode, revokes on their way, and who answered."""
 
     def __init__(self, term: float = TERM, per_client: int = MAX_LEASES_PER_CLIENT,
-                 clock=time.monotonic):
+                 clock=time.monotonic, first_seq: int = 0):
         self.cv = threading.Condition()
         self.term = term
         self.per_client = per_client
@@ -53,20 +53,23 @@ class LeaseTable:
         self.dirty: set[int] = set()  # held inodes changed since the last revoke
         self.changes = 0  # every change counts: a grant racing one is refused
         self.granted = self.revoked = self.expiries = 0
-        self._seq = 0
+        self._seq = first_seq  # the MDS starts from the time: a restart never reuses one
         self._rid = 0  # revoke batches: waiters wait for every batch up to theirs
         self._local = threading.local()
 
-    # -- the trigger side (called inside the MDS's transactions) -------------
+    # -- the trigger side (called as the MDS's transactions end) --------------
 
     def changed(self, ino: int):
-        """An inode's row or a directory's entries changed (the SQLite trigger)."""
-        self.changes += 1  # triggers run under the namespace lock: no lost updates
-        if ino in self.holders:
-            with self.cv:
-                self.dirty.add(ino)
-                self.cv.notify_all()
-            self._local.dirtied = True
+        """What a lease covers changed for ``ino`` (reported by the namespace's triggers
+        when its transaction ends). Counted and checked under the lock that grants
+        take: a grant either sees the count move, or is seen here and revoked."""
+        with self.cv:
+            self.changes += 1
+            if ino not in self.holders:
+                return
+            self.dirty.add(ino)
+            self.cv.notify_all()
+        self._local.dirtied = True
 
     def take_dirtied(self) -> bool:
         """Whether this thread changed a held inode since the last call."""
@@ -278,6 +281,8 @@ class LeaseCache:
         if not self.valid(ino, seq):
             return
         self.put_attrs(a, seq)
+        if name in (b".", b".."):  # ".." follows a rename of the directory: not cached
+            return
         self.names[(parent, name)] = (seq, ino)
         self.names_of.setdefault(ino, set()).add((parent, name))
 

@@ -52,7 +52,9 @@ class Mds:
         self.data_dir = data_dir
         self.config = config
         self.fsname = config.get("fsname", "lustrefuse")
-        self.leases = leases.LeaseTable()  # before the namespace: its triggers report here
+        # before the namespace: its triggers report here. Lease numbers start from the
+        # time (as handles): clients compare them with what a previous MDS granted
+        self.leases = leases.LeaseTable(first_seq=time.time_ns() // 1000)
         self.ns = Namespace(os.path.join(data_dir, "mds.db"), config["osts"],
                             config["stripe_size"], on_change=self.leases.changed)
         self.repo = None

@@ -89,7 +89,7 @@ READDIR_SQL = (f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in ATTR_
 # What clients may cache under a lease (see leases.py): a change of any of these, or a
 # name of the inode removed or moved (a new name changes nlink), is noted in a TEMP
 # table (this connection's only, not in the database file) and reported to
-# ``on_change`` before the transaction ends. Not by a Python function called from the
+# ``on_change`` when the transaction ends. Not by a Python function called from the
 # trigger: SQLite would call it holding the connection's mutex, and another thread
 # holding the GIL and waiting for that mutex deadlocks it.
 WATCHED_COLS = ("mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
@@ -189,21 +189,25 @@ class Namespace:
 
         def __exit__(self, kind, value, tb):
             try:
+                changed = []
                 try:
-                    self.ns._report_changes()  # a rollback too: others may have read it
+                    changed = self.ns._take_changes()
                 finally:
                     self.ns.db.execute("COMMIT" if kind is None else "ROLLBACK")
+                # once the transaction is over, a rollback too: this connection is
+                # shared, so another thread may have read what the rollback undid
+                for ino in changed:
+                    self.ns.on_change(ino)
             finally:
                 self.ns.lock.release()
 
-    def _report_changes(self):
+    def _take_changes(self) -> list[int]:
         if self.on_change is None:
-            return
+            return []
         rows = self.db.execute("SELECT ino FROM temp.lease_changes").fetchall()
         if rows:
             self.db.execute("DELETE FROM temp.lease_changes")
-            for (ino,) in rows:
-                self.on_change(ino)
+        return [ino for (ino,) in rows]
 
     def tx(self):
         return Namespace._Tx(self)

@@ -22,7 +22,8 @@ from lustrefuse import hsm
 
 OBJECTS = {f"l/{n}.bin": data(300_000 + i, f"lease-{n}")
            for i, n in enumerate(["rewrite", "trunc", "release", "busy", "unlink", "rename",
-                                  "over-a", "over-b", "chmod", "stopped", "same", "drop"])}
+                                  "over-a", "over-b", "chmod", "stopped", "same", "drop",
+                                  "restart"])}
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +206,42 @@ def test_dropping_leases_makes_metadata_cold_and_needs_root(lfs2):
                         f"import os; os.setxattr({lfs2.ctl!r}, 'lustrefuse.drop_leases', b'')"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Operation not permitted" in r.stderr, r.stderr
+
+
+def test_after_an_mds_restart_the_cache_is_dropped_and_leases_work_again(lfs2, mount_b):
+    """The MDS dies (SIGKILL) and ``up`` starts it again: A's long poll breaks at once,
+    so A trusts nothing it cached; a change made through B on the new MDS is read on A;
+    and the new MDS's leases (numbered from its start time, above the old ones) are
+    usable again. Last in this file: it restarts the module's MDS."""
+    from helpers import pid_alive
+
+    from lustrefuse import rpc
+
+    mnt_b, _ = mount_b
+    old = cached_twice(lfs2, "l/restart.bin")
+    mds = lfs2.pids()["mds"]
+    os.kill(mds, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(mds), 10, 0.05, "the MDS to die")
+    lfs2.up_again()
+    sock = f"unix:{lfs2.data_dir / 'mds.sock'}"
+
+    def answers():
+        c = rpc.Client(sock, timeout=3)
+        try:
+            return c.call("ping")
+        except (OSError, rpc.RpcError):
+            return False
+        finally:
+            c.close()
+
+    wait_for(answers, 60, 0.1, "the MDS to answer again")
+    new = bytes(b ^ 0x33 for b in old)
+    write(mnt_b / "l/restart.bin", new)
+    assert read_file(lfs2.path("l/restart.bin")) == new
+
+    def reopened_from_a_lease() -> bool:  # once A's session is back on the new MDS
+        before = lfs2.stats()["client"].get("lease_opens", 0)
+        assert read_file(lfs2.path("l/restart.bin")) == new
+        return lfs2.stats()["client"].get("lease_opens", 0) > before
+
+    wait_for(reopened_from_a_lease, 20, 0.2, "an open from a lease of the new MDS")

@@ -4,6 +4,8 @@ triggers that report changes. Pure logic and a real SQLite file; no mounts."""
 import threading
 import time
 
+import pytest
+
 from lustrefuse import hsm
 from lustrefuse.leases import LeaseCache, LeaseTable
 from lustrefuse.namespace import ROOT, Namespace
@@ -167,3 +169,11 @@ def test_namespace_reports_what_leases_cover_and_nothing_else(tmp_path):
     seen.clear()
     ns.unlink(ROOT, b"h")
     assert f in seen
+    seen.clear()
+    d2 = ns.mkdir(ROOT, b"d2", 0o755, 0, 0)["ino"]
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        with ns.tx() as db:
+            db.execute("UPDATE inodes SET mode=? WHERE ino=?", (0o40700, d2))
+            raise RuntimeError("mid-way")
+    assert seen == [d2]  # undone, but another thread may have read it meanwhile
