@@ -9,11 +9,11 @@ same idea for one MDS, reduced to one lease per (client, inode):
   resolved (as Lustre's LOOKUP lock, a name is covered by the lease on the inode it
   names) and the open handle, until the lease is revoked or its term runs out.
 - Any change of an inode's row (attributes, size, data version, HSM flags, layout, S3
-  identity, links), and the removal or renaming of a name, marks the inode changed (an
-  SQLite trigger, so that no mutation path can forget it). Before the change is acknowledged to whoever
-  made it, every holder is told (a long-poll on the client's session) and answers; a
-  holder that does not answer within the lease term stops trusting its leases by
-  itself, so the MDS stops waiting then.
+  identity, links), and the removal or renaming of a name, marks the inode changed
+  (SQLite triggers, so that no mutation path can forget one). Before the change is
+  acknowledged to whoever made it, every holder is told (a long poll on the client's
+  session) and answers; a holder that does not answer within the lease term stops
+  trusting its leases by itself, so the MDS stops waiting then.
 - The client trusts its leases only up to ``term`` after the last poll the MDS
   answered, so a client cut off from the MDS drops its cache before the MDS would
   stop waiting for it.
