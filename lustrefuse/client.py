@@ -257,11 +257,12 @@ class Filesystem(pyfuse3.Operations):
             if r["reset"] or self.lease_floor_due:
                 closes += self.leases.reset(r["seq"])
                 self.lease_floor_due = False
-            acks = r["revokes"]
-            if acks:
-                handles, names = self.leases.revoke(acks)
+            revokes = r["revokes"]
+            acks = [(ino, seq) for ino, seq, _names in revokes]
+            if revokes:
+                handles, names = self.leases.revoke(revokes)
                 closes += handles
-                self.counters.add("lease_revokes", len(acks))
+                self.counters.add("lease_revokes", len(revokes))
                 # the kernel's copies go too: attributes before we answer (no lock is
                 # involved), names after (the kernel may hold the directory's lock
                 # for a request that waits for our answer)

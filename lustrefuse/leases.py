@@ -24,6 +24,7 @@ same idea for one MDS, reduced to one lease per (client, inode):
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -46,11 +47,11 @@ class LeaseTable:
         self.clock = clock
         self.holders: dict[int, dict[str, int]] = {}  # ino -> client -> seq of newest grant
         self.held: dict[str, OrderedDict] = {}  # client -> its inodes, oldest grant first
-        self.queued: dict[str, list[tuple[int, int]]] = {}  # client -> revokes to send
+        self.queued: dict[str, list[tuple]] = {}  # client -> (ino, seq, names) to send
         self.unacked: dict[str, dict[int, tuple[int, int]]] = {}  # client -> ino -> (rid, seq)
         self.seen: dict[str, float] = {}  # client -> clock of its newest poll
         self.expired: set[str] = set()  # clients that must drop every lease they hold
-        self.dirty: set[int] = set()  # held inodes changed since the last revoke
+        self.dirty: dict[int, bool] = {}  # held inodes changed since -> whether a name went
         self.changes = 0  # every change counts: a grant racing one is refused
         self.granted = self.revoked = self.expiries = 0
         self._seq = first_seq  # the MDS starts from the time: a restart never reuses one
@@ -59,15 +60,16 @@ class LeaseTable:
 
     # -- the trigger side (called as the MDS's transactions end) --------------
 
-    def changed(self, ino: int):
+    def changed(self, ino: int, names: bool = False):
         """What a lease covers changed for ``ino`` (reported by the namespace's triggers
-        when its transaction ends). Counted and checked under the lock that grants
-        take: a grant either sees the count move, or is seen here and revoked."""
+        when its transaction ends); ``names``: one of its names was removed or moved.
+        Counted and checked under the lock that grants take: a grant either sees the
+        count move, or is seen here and revoked."""
         with self.cv:
             self.changes += 1
             if ino not in self.holders:
                 return
-            self.dirty.add(ino)
+            self.dirty[ino] = self.dirty.get(ino, False) or names
             self.cv.notify_all()
         self._local.dirtied = True
 
@@ -96,7 +98,7 @@ class LeaseTable:
                 held.move_to_end(ino)
             while len(held) > self.per_client:  # the client's cache is bounded by ours
                 old, _ = held.popitem(last=False)
-                self._revoke_one(old, client, self.holders[old].pop(client))
+                self._revoke_one(old, client, self.holders[old].pop(client), False)
                 if not self.holders[old]:
                     del self.holders[old]
             self.granted += 1
@@ -104,8 +106,8 @@ class LeaseTable:
 
     # -- revokes --------------------------------------------------------------
 
-    def _revoke_one(self, ino: int, client: str, seq: int):
-        self.queued.setdefault(client, []).append((ino, seq))
+    def _revoke_one(self, ino: int, client: str, seq: int, names: bool):
+        self.queued.setdefault(client, []).append((ino, seq, names))
         un = self.unacked.setdefault(client, {})
         old = un.get(ino)  # an earlier waiter still waits for this inode's answer
         un[ino] = (old[0] if old else self._rid, max(seq, old[1]) if old else seq)
@@ -114,11 +116,13 @@ class LeaseTable:
     def revoke(self, inos) -> int:
         """Queue revokes of every lease on ``inos``; returns the batch to wait for."""
         with self.cv:
-            return self._revoke_locked(inos)
+            return self._revoke_locked(dict.fromkeys(inos, False))
 
-    def _revoke_locked(self, inos) -> int:
+    def _revoke_locked(self, inos: dict[int, bool]) -> int:
+        """``inos``: inode -> whether one of its names went (the holder then drops the
+        kernel's copies of its names; a directory's would take its whole subtree)."""
         any_ = False
-        for ino in inos:
+        for ino, names in inos.items():
             holders = self.holders.pop(ino, None)
             if not holders:
                 continue
@@ -127,7 +131,7 @@ class LeaseTable:
                 any_ = True
             for client, seq in holders.items():
                 self.held[client].pop(ino, None)
-                self._revoke_one(ino, client, seq)
+                self._revoke_one(ino, client, seq, names)
         if any_:
             self.cv.notify_all()
         return self._rid
@@ -138,7 +142,7 @@ class LeaseTable:
     def settle(self):
         """Revoke what changed and wait until its holders answered (or expired)."""
         with self.cv:
-            dirty, self.dirty = self.dirty, set()
+            dirty, self.dirty = self.dirty, {}
             rid = self._revoke_locked(dirty)
         self.wait(rid)
 
@@ -148,7 +152,7 @@ class LeaseTable:
         with self.cv:
             if not self.dirty:
                 self.cv.wait(timeout)
-            dirty, self.dirty = self.dirty, set()
+            dirty, self.dirty = self.dirty, {}
             self._revoke_locked(dirty)
 
     def wait(self, rid: int):
@@ -252,6 +256,9 @@ class LeaseCache:
         self.attrs: OrderedDict = OrderedDict()  # ino -> (seq, attr dict)
         self.names: dict[tuple[int, bytes], tuple[int, int]] = {}  # (dir, name) -> (seq, ino)
         self.names_of: dict[int, set] = {}  # ino -> its cached (dir, name)s
+        # ino -> the names we told the kernel, leased or not: when one goes, the kernel's
+        # copy must go too (an attribute change does not touch them)
+        self.kernel_names: OrderedDict = OrderedDict()
         self.opens: OrderedDict = OrderedDict()  # ino -> (seq, handle, open reply)
 
     def trusted(self) -> bool:
@@ -278,6 +285,13 @@ class LeaseCache:
     def put_name(self, parent: int, name: bytes, a: dict, seq: int):
         """A lookup's answer: the name and the attributes, under the child's lease."""
         ino = a["ino"]
+        if name not in (b".", b".."):
+            known = self.kernel_names.get(ino)
+            if known is None:
+                known = self.kernel_names[ino] = set()
+                while len(self.kernel_names) > self.max_attrs:
+                    self.kernel_names.popitem(last=False)
+            known.add((parent, name))
         if not self.valid(ino, seq):
             return
         self.put_attrs(a, seq)
@@ -336,17 +350,24 @@ class LeaseCache:
     # -- revokes --------------------------------------------------------------------
 
     def revoke(self, revokes) -> tuple[list[int], list]:
-        """Apply the MDS's revokes; returns the cached handles to close, and the names
-        this client resolved for the revoked inodes (the kernel may cache them too)."""
+        """Apply the MDS's revokes (inode, lease, whether a name of it went); returns
+        the cached handles to close, and the names the kernel may hold that must go
+        too. Our own names of a revoked inode always go: without a lease nobody would
+        tell us of a later rename. So do the kernel's, but for a directory whose name
+        did not change: dropping it there drops everything under it, and a directory's
+        attributes change with every entry made or removed in it."""
         now = self.clock()
         closes, names = [], []
-        for ino, seq in revokes:
+        for ino, seq, name_went in revokes:
             old = self.revoked.get(ino)
             self.revoked[ino] = (max(seq, old[0]) if old else seq, now)
             a = self.attrs.get(ino)
+            is_dir = a is not None and stat.S_ISDIR(a[1].get("mode", 0))
             if a is not None and a[0] <= seq:
                 del self.attrs[ino]
-            names += self._drop_names(ino, seq)
+            self._drop_names(ino, seq)
+            if name_went or not is_dir:
+                names += self.kernel_names.pop(ino, ())
             o = self.opens.get(ino)
             if o is not None and o[0] <= seq:
                 del self.opens[ino]
@@ -361,6 +382,7 @@ class LeaseCache:
         self.attrs.clear()
         self.names.clear()
         self.names_of.clear()
+        self.kernel_names.clear()
         self.opens.clear()
         return closes
 

@@ -88,25 +88,27 @@ READDIR_SQL = (f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in ATTR_
                "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?")
 # What clients may cache under a lease (see leases.py): a change of any of these, or a
 # name of the inode removed or moved (a new name changes nlink), is noted in a TEMP
-# table (this connection's only, not in the database file) and reported to
-# ``on_change`` when the transaction ends. Not by a Python function called from the
+# table (this connection's only, not in the database file), with whether a name went,
+# and reported to ``on_change`` when the transaction ends. Not by a Python function called from the
 # trigger: SQLite would call it holding the connection's mutex, and another thread
 # holding the GIL and waiting for that mutex deadlocks it.
 WATCHED_COLS = ("mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
                 "target", "hsm", "archive_id", "layout", "s3_key", "etag", "s3_size",
                 "data_version")
-_NOTE = "INSERT OR IGNORE INTO lease_changes(ino) VALUES"
+_NOTE = "INSERT OR IGNORE INTO lease_changes(ino) VALUES ({});"
+_NOTE_NAME = ("INSERT INTO lease_changes(ino, names) VALUES ({}, 1) "
+              "ON CONFLICT(ino) DO UPDATE SET names=1;")
 WATCH_SQL = f"""
-CREATE TEMP TABLE lease_changes (ino INTEGER PRIMARY KEY);
+CREATE TEMP TABLE lease_changes (ino INTEGER PRIMARY KEY, names INTEGER NOT NULL DEFAULT 0);
 CREATE TEMP TRIGGER watch_inode AFTER UPDATE ON inodes
 WHEN {" OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in WATCHED_COLS)}
-BEGIN {_NOTE} (NEW.ino); END;
+BEGIN {_NOTE.format("NEW.ino")} END;
 CREATE TEMP TRIGGER watch_inode_gone AFTER DELETE ON inodes
-BEGIN {_NOTE} (OLD.ino); END;
+BEGIN {_NOTE_NAME.format("OLD.ino")} END;
 CREATE TEMP TRIGGER watch_name_gone AFTER DELETE ON dentries
-BEGIN {_NOTE} (OLD.ino); END;
+BEGIN {_NOTE_NAME.format("OLD.ino")} END;
 CREATE TEMP TRIGGER watch_name_moved AFTER UPDATE ON dentries
-BEGIN {_NOTE} (OLD.ino); {_NOTE} (NEW.ino); END;
+BEGIN {_NOTE_NAME.format("OLD.ino")} {_NOTE_NAME.format("NEW.ino")} END;
 """
 IN_BATCH = 500  # inodes per "WHERE ino IN (...)" (SQLite caps bound parameters)
 
@@ -196,18 +198,19 @@ class Namespace:
                     self.ns.db.execute("COMMIT" if kind is None else "ROLLBACK")
                 # once the transaction is over, a rollback too: this connection is
                 # shared, so another thread may have read what the rollback undid
-                for ino in changed:
-                    self.ns.on_change(ino)
+                for ino, names in changed:
+                    self.ns.on_change(ino, bool(names))
             finally:
                 self.ns.lock.release()
 
-    def _take_changes(self) -> list[int]:
+    def _take_changes(self) -> list[tuple[int, int]]:
+        """(inode, whether one of its names went) for each change of the transaction."""
         if self.on_change is None:
             return []
-        rows = self.db.execute("SELECT ino FROM temp.lease_changes").fetchall()
+        rows = self.db.execute("SELECT ino, names FROM temp.lease_changes").fetchall()
         if rows:
             self.db.execute("DELETE FROM temp.lease_changes")
-        return [ino for (ino,) in rows]
+        return rows
 
     def tx(self):
         return Namespace._Tx(self)

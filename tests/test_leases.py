@@ -208,6 +208,65 @@ def test_dropping_leases_makes_metadata_cold_and_needs_root(lfs2):
     assert r.returncode != 0 and "Operation not permitted" in r.stderr, r.stderr
 
 
+def test_random_changes_on_b_are_each_seen_on_a_at_once(lfs2, mount_b):
+    """200 random changes through B (rewrites of any size, truncates, renames over
+    other files, unlinks, creates, chmods), each checked on A right after it returns,
+    by path, as a user would: every file's size, mode and bytes are B's, and every name
+    B removed is gone (the kernel's copy of a name within a few ms). Seeded, so a
+    failure can be replayed."""
+    import random
+
+    mnt_b, _ = mount_b
+    rng = random.Random(20261206)
+    os.makedirs(mnt_b / "rand", exist_ok=True)
+    model: dict[str, tuple[bytes, int]] = {}  # name -> (bytes, mode)
+
+    def put(name: str, payload: bytes):
+        with open(mnt_b / "rand" / name, "wb") as f:
+            f.write(payload)
+        model[name] = (payload, model.get(name, (b"", 0o644))[1])
+
+    for i in range(4):
+        put(f"f{i}", rng.randbytes(rng.randrange(0, 300_000)))
+    removed: set[str] = set()
+    for step in range(200):
+        names = sorted(model)
+        op = rng.choice(["rewrite", "rewrite", "truncate", "rename", "unlink", "create",
+                         "chmod"] if names else ["create"])
+        name = rng.choice(names) if names else None
+        if op == "rewrite":
+            put(name, rng.randbytes(rng.randrange(0, 300_000)))
+        elif op == "truncate":
+            size = rng.randrange(0, len(model[name][0]) + 70_000)
+            os.truncate(mnt_b / "rand" / name, size)
+            old = model[name][0]
+            model[name] = (old[:size] + bytes(max(0, size - len(old))), model[name][1])
+        elif op == "rename":
+            target = rng.choice(names + [f"n{step}"])
+            if target != name:
+                os.rename(mnt_b / "rand" / name, mnt_b / "rand" / target)
+                model[target] = model.pop(name)
+                removed.add(name)
+        elif op == "unlink":
+            os.unlink(mnt_b / "rand" / name)
+            del model[name]
+            removed.add(name)
+        elif op == "create":
+            put(f"c{step}", rng.randbytes(rng.randrange(0, 100_000)))
+        else:
+            mode = rng.choice([0o600, 0o640, 0o644, 0o755])
+            os.chmod(mnt_b / "rand" / name, mode)
+            model[name] = (model[name][0], mode)
+        removed -= set(model)
+        for n, (payload, mode) in model.items():
+            path = lfs2.path(f"rand/{n}")
+            st = os.stat(path)
+            assert (st.st_size, st.st_mode & 0o777) == (len(payload), mode), (step, op, n)
+            assert read_file(path) == payload, (step, op, n)
+        for n in removed:
+            gone(lfs2.path(f"rand/{n}"))
+
+
 def test_after_an_mds_restart_the_cache_is_dropped_and_leases_work_again(lfs2, mount_b):
     """The MDS dies (SIGKILL) and ``up`` starts it again: A's long poll breaks at once,
     so A trusts nothing it cached; a change made through B on the new MDS is read on A;
