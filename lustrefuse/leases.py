@@ -285,33 +285,31 @@ class LeaseCache:
     def put_name(self, parent: int, name: bytes, a: dict, seq: int):
         """A lookup's answer: the name and the attributes, under the child's lease."""
         ino = a["ino"]
-        if name not in (b".", b".."):
-            known = self.kernel_names.get(ino)
-            if known is None:
-                known = self.kernel_names[ino] = set()
-                while len(self.kernel_names) > self.max_attrs:
-                    self.kernel_names.popitem(last=False)
-            known.add((parent, name))
-        if not self.valid(ino, seq):
-            return
-        self.put_attrs(a, seq)
+        leased = self.valid(ino, seq)
+        if leased:
+            self.put_attrs(a, seq)
         if name in (b".", b".."):  # ".." follows a rename of the directory: not cached
             return
-        self.names[(parent, name)] = (seq, ino)
-        self.names_of.setdefault(ino, set()).add((parent, name))
+        known = self.kernel_names.get(ino)  # the kernel learns the name, leased or not
+        if known is None:
+            known = self.kernel_names[ino] = set()
+            while len(self.kernel_names) > self.max_attrs:
+                self.kernel_names.popitem(last=False)
+        known.add((parent, name))
+        if leased:
+            self.names[(parent, name)] = (seq, ino)
+            self.names_of.setdefault(ino, set()).add((parent, name))
 
-    def _drop_names(self, ino: int, seq: int | None) -> list:
-        """Names of ``ino`` granted up to ``seq`` (all: None); returns them."""
+    def _drop_names(self, ino: int, seq: int | None):
+        """Forget our names of ``ino`` granted up to ``seq`` (all: None)."""
         keys = self.names_of.get(ino)
         if not keys:
-            return []
-        gone = [k for k in keys if seq is None or self.names[k][0] <= seq]
-        for k in gone:
+            return
+        for k in [k for k in keys if seq is None or self.names[k][0] <= seq]:
             del self.names[k]
             keys.discard(k)
         if not keys:
             del self.names_of[ino]
-        return gone
 
     def put_open(self, ino: int, seq: int, handle: int, st: dict) -> list[int]:
         """Keep a closed read-only handle for a re-open; returns handles to close now."""

@@ -246,19 +246,21 @@ class Mds:
 
     # -- namespace ---------------------------------------------------------
 
+    def _leased(self, client: str | None, read) -> dict:
+        """``read()``'s attributes, with a lease on them for ``client`` (0: none). The
+        change count is taken before the read: a change in between refuses the lease."""
+        since = self.leases.changes
+        a = read()
+        a["lease"] = self.leases.grant(client, [a["ino"]], since)
+        return a
+
     def h_getattr(self, peer, ino: int, client: str | None = None):
         """``client``: a mount asking for a lease on the attributes (see leases.py)."""
-        since = self.leases.changes
-        a = self.ns.getattr(ino)
-        a["lease"] = self.leases.grant(client, [ino], since)
-        return a
+        return self._leased(client, lambda: self.ns.getattr(ino))
 
     def h_lookup(self, peer, parent: int, name: bytes, client: str | None = None):
         """``client``: as getattr; the lease covers the name too."""
-        since = self.leases.changes
-        a = self.ns.lookup(parent, name)
-        a["lease"] = self.leases.grant(client, [a["ino"]], since)
-        return a
+        return self._leased(client, lambda: self.ns.lookup(parent, name))
 
     def h_lease_poll(self, peer, client: str, acks: list | None = None,
                      closes: list | None = None, wait: float = leases.POLL_WAIT):
@@ -689,19 +691,13 @@ class Mds:
         """A request that changed what a client caches is answered only after the
         client dropped it (leases.py). Not the lease poll: the session that would have
         to answer is the one waiting (its changes are revoked by ``lease_loop``)."""
-        if op == "lease_poll":
-            def poll(peer, **args):
-                try:
-                    return handler(peer, **args)
-                finally:
-                    self.leases.take_dirtied()
-            return poll
+        waits = op != "lease_poll"
 
         def call(peer, **args):
             try:
                 return handler(peer, **args)
             finally:
-                if self.leases.take_dirtied():
+                if self.leases.take_dirtied() and waits:
                     self.leases.settle()
         call.__doc__ = handler.__doc__
         return call

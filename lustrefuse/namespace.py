@@ -89,9 +89,9 @@ READDIR_SQL = (f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in ATTR_
 # What clients may cache under a lease (see leases.py): a change of any of these, or a
 # name of the inode removed or moved (a new name changes nlink), is noted in a TEMP
 # table (this connection's only, not in the database file), with whether a name went,
-# and reported to ``on_change`` when the transaction ends. Not by a Python function called from the
-# trigger: SQLite would call it holding the connection's mutex, and another thread
-# holding the GIL and waiting for that mutex deadlocks it.
+# and reported to ``on_change`` when the transaction ends. Not by a Python function
+# called from the trigger: SQLite would call it holding the connection's mutex, and
+# another thread holding the GIL and waiting for that mutex deadlocks it.
 WATCHED_COLS = ("mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
                 "target", "hsm", "archive_id", "layout", "s3_key", "etag", "s3_size",
                 "data_version")
