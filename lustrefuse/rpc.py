@@ -86,6 +86,17 @@ def _recv_exact(sock: socket.socket, n: int, fds: list | None = None) -> bytearr
     return buf
 
 
+def _large_body(view: memoryview, got: int, total: int) -> tuple[bytearray, memoryview, int]:
+    """The body of a frame too large for the first-receive buffer ``view``, which holds
+    its first ``got`` bytes (header included): a buffer of the body's size with those
+    bytes in place, its view, and how many it holds. The rest is received in place."""
+    head = protocol.HEADER.size
+    body = bytearray(total - head)
+    body_view = memoryview(body)
+    body_view[:got - head] = view[head:got]
+    return body, body_view, got - head
+
+
 FRAME_TIMEOUT = 30.0  # a frame, once begun, must arrive within this (idle pools may wait)
 
 
@@ -132,10 +143,7 @@ class FrameReader:
                     got += self._more(view[got:])
                 self.pending = bytes(view[total:got])
                 return protocol.decode(view[head:total])
-            body = bytearray(total - head)  # a large frame is received in place
-            body_view = memoryview(body)
-            n = got - head
-            body_view[:n] = view[head:got]
+            body, body_view, n = _large_body(view, got, total)
             while n < len(body):
                 n += self._more(body_view[n:])
             return protocol.decode(body)
@@ -501,10 +509,7 @@ class TrioClient:
             while got < total:
                 got += await self._recv_into(sock, view[got:total], None)
             return protocol.decode(view[head:total])
-        body = bytearray(total - head)
-        body_view = memoryview(body)
-        body_view[:got - head] = view[head:got]
-        got -= head
+        body, body_view, got = _large_body(view, got, total)
         while got < len(body):
             got += await self._recv_into(sock, body_view[got:], None)
         return protocol.decode(body)
