@@ -168,7 +168,7 @@ class Repository:
             got = resp.get("ETag")
             if etag and got and got != etag:
                 raise StaleObject("PreconditionFailed", f"{key}: ETag {got} != {etag}")
-            _read_exactly(resp["Body"], view, key)
+            read_body_into(resp["Body"], view, key)
 
         if len(view):
             self._retry(f"get {key} [{start}+{len(view)}]", once)
@@ -238,7 +238,7 @@ class _ShortBody(Exception):
     """The body ended early or the connection broke mid-body (transient)."""
 
 
-def _read_exactly(body, view: memoryview, key: str):
+def read_body_into(body, view: memoryview, key: str):
     """Fill ``view`` from a GET's streaming body and hand the connection back.
 
     The bytes are read with ``readinto`` of the HTTP response beneath urllib3 when the
