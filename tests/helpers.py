@@ -118,6 +118,18 @@ def is_mounted(path) -> bool:
     return any(mp == p for mp, _ in mountinfo())
 
 
+def ping(address: str) -> bool:
+    """Whether the RPC server at ``address`` (an MDS or OST socket) answers; raises
+    if it does not listen (``wait_for`` keeps polling through that)."""
+    from lustrefuse import rpc
+
+    c = rpc.Client(address, timeout=3)
+    try:
+        return c.call("ping") is not None
+    finally:
+        c.close()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import helpers
 import pytest
-from helpers import MiB, pid_alive, wait_for
+from helpers import MiB, pid_alive, ping, wait_for
 from s3fault import FaultProxy
 
 from lustrefuse import rpc
@@ -239,14 +239,6 @@ def stop_proc(p: subprocess.Popen, stop_file: Path, timeout: float = 20.0):
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait(10)
-
-
-def ping(address: str) -> bool:
-    c = rpc.Client(address, timeout=3)
-    try:
-        return c.call("ping") is not None
-    finally:
-        c.close()
 
 
 # -- the crash cycle ---------------------------------------------------------------

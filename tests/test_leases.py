@@ -16,7 +16,7 @@ import time
 
 import pytest
 from conftest import new_bucket
-from helpers import LUSTREFUSE, data, is_mounted, lfs, read_file, wait_for
+from helpers import LUSTREFUSE, data, is_mounted, lfs, pid_alive, ping, read_file, wait_for
 
 from lustrefuse import hsm
 
@@ -272,28 +272,14 @@ def test_after_an_mds_restart_the_cache_is_dropped_and_leases_work_again(lfs2, m
     so A trusts nothing it cached; a change made through B on the new MDS is read on A;
     and the new MDS's leases (numbered from its start time, above the old ones) are
     usable again. Last in this file: it restarts the module's MDS."""
-    from helpers import pid_alive
-
-    from lustrefuse import rpc
-
     mnt_b, _ = mount_b
     old = cached_twice(lfs2, "l/restart.bin")
     mds = lfs2.pids()["mds"]
     os.kill(mds, signal.SIGKILL)
     wait_for(lambda: not pid_alive(mds), 10, 0.05, "the MDS to die")
     lfs2.up_again()
-    sock = f"unix:{lfs2.data_dir / 'mds.sock'}"
-
-    def answers():
-        c = rpc.Client(sock, timeout=3)
-        try:
-            return c.call("ping")
-        except (OSError, rpc.RpcError):
-            return False
-        finally:
-            c.close()
-
-    wait_for(answers, 60, 0.1, "the MDS to answer again")
+    wait_for(lambda: ping(f"unix:{lfs2.data_dir / 'mds.sock'}"), 60, 0.1,
+             "the MDS to answer again")
     new = bytes(b ^ 0x33 for b in old)
     write(mnt_b / "l/restart.bin", new)
     assert read_file(lfs2.path("l/restart.bin")) == new
